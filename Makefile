@@ -36,10 +36,10 @@ book: $(STAMP)
 
 # Unit tests, the notebook hygiene checks, every notebook under nbval, and the book build (-W).
 test: $(STAMP)
-	$(VENV)/bin/pytest --nbval-lax --durations=20 tests notebooks
+	$(VENV)/bin/pytest --nbval-lax --durations=30 tests notebooks $(wildcard book/*.ipynb)
 
 execute: $(STAMP)
-	$(PY) tests/execute_notebooks.py notebooks/*.ipynb
+	$(PY) tests/execute_notebooks.py notebooks/*.ipynb $(wildcard book/*.ipynb)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from execute_notebooks import code_hash, package_hash  # noqa: E402
 
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb")) + sorted((ROOT / "book").glob("*.ipynb"))
 LOCAL_PATH = re.compile(r"(/(work|root|home|tmp|Users)/[^\s\"']*)|([A-Za-z]:\\\\Users)")
 
 
@@ -43,12 +43,13 @@ def test_there_are_notebooks():
     assert NOTEBOOKS, "no notebooks found under notebooks/"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_notebook_is_in_the_table_of_contents(path):
-    assert f"notebooks/{path.stem}" in _toc_files(), f"{path.name} is missing from _toc.yml"
+    entry = path.relative_to(ROOT).with_suffix("").as_posix()
+    assert entry in _toc_files(), f"{path.name} is missing from _toc.yml"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_stored_outputs_are_clean_and_current(path):
     nb = nbformat.read(path, as_version=4)
     code_cells = [c for c in nb.cells if c.cell_type == "code" and c.source.strip()]
@@ -74,7 +75,7 @@ def test_stored_outputs_are_clean_and_current(path):
     )
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_title_cell_has_colab_badge_and_learning_goals(path):
     nb = nbformat.read(path, as_version=4)
     first = nb.cells[0]
@@ -82,6 +83,6 @@ def test_title_cell_has_colab_badge_and_learning_goals(path):
         f"{path.name}: the first cell must be a markdown title cell"
     )
     url = _repo_url().replace("https://github.com/", "https://colab.research.google.com/github/")
-    expected = f"{url}/blob/main/notebooks/{path.name}"
+    expected = f"{url}/blob/main/{path.relative_to(ROOT).as_posix()}"
     assert expected in first.source, f"{path.name}: the Colab badge must link to {expected}"
     assert "learn" in first.source.lower(), f"{path.name}: the title cell must say what the reader will learn"
