@@ -6,12 +6,14 @@ The matplotlib backend is left alone (inline in notebooks, whatever the user has
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-__all__ = ["PALETTE", "set_style", "new_figure", "finish", "loglog_rank_plot", "bar_counts"]
+__all__ = ["PALETTE", "set_style", "new_figure", "finish", "loglog_rank_plot", "bar_counts",
+           "SYSTEM_STAGES", "SYSTEM_FLOWS", "SystemDiagram", "system_diagram"]
 
 #: Colour-blind-safe qualitative palette (Okabe & Ito), in the order methods are plotted.
 PALETTE: tuple[str, ...] = (
@@ -159,3 +161,138 @@ def bar_counts(ax, series: Any, color: str | None = None, rotate: float | None =
         rotate = 45 if len(values) > 8 else 0
     ax.set_xticklabels(labels, rotation=rotate, ha="right" if rotate else "center")
     return bars
+
+
+# ----------------------------------------------------------------------------- system diagram
+
+#: The five stages of the book's system diagram, in loop order:
+#: (label, what it holds or does, chapters that build it).
+SYSTEM_STAGES: tuple[tuple[str, str, str], ...] = (
+    ("User data", "a few ratings, item text", "chapters 1–2"),
+    ("Meta-learner", "adapts to one user\nfrom a support set", "chapters 3–6"),
+    ("Language model", "reads item text and\nthe user's history", "chapters 7–8"),
+    ("Recommendations", "ranked list,\nexplanation", "chapters 8–10"),
+    ("Feedback", "new ratings, clicks,\nreplies in a dialogue", "chapters 6, 9"),
+)
+
+#: What travels along each arrow of the loop (from stage i to stage i + 1, the last back to 0).
+SYSTEM_FLOWS: tuple[str, ...] = (
+    "support set",
+    "adapted\nparameters",
+    "item scores",
+    "shown to the user",
+    "appended to the history",
+)
+
+
+@dataclass
+class SystemDiagram:
+    """What :func:`system_diagram` drew, for captions and tests.
+
+    Attributes:
+        boxes: stage label -> ``(x0, y0, width, height)`` of its box in data coordinates.
+        patches: stage label -> the ``FancyBboxPatch`` drawn for it.
+        arrows: ``(source label, target label, (x, y) start, (x, y) end)`` in loop order.
+        arrow_patches: the ``FancyArrowPatch`` objects, same order as ``arrows``.
+    """
+
+    boxes: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
+    patches: dict[str, Any] = field(default_factory=dict)
+    arrows: list[tuple[str, str, tuple[float, float], tuple[float, float]]] = field(default_factory=list)
+    arrow_patches: list[Any] = field(default_factory=list)
+
+
+def _box_exit(box: tuple[float, float, float, float], toward: tuple[float, float], gap: float) -> tuple[float, float]:
+    """Point where the ray from the centre of ``box`` toward ``toward`` leaves the box, moved
+    ``gap`` further along the ray (so arrows start and end just outside the boxes)."""
+    x0, y0, w, h = box
+    cx, cy = x0 + w / 2, y0 + h / 2
+    dx, dy = toward[0] - cx, toward[1] - cy
+    norm = float(np.hypot(dx, dy))
+    if norm == 0:
+        raise ValueError("two boxes of the diagram share a centre.")
+    # scale t so that (cx + t dx, cy + t dy) hits the nearest edge
+    t = min((w / 2) / abs(dx) if dx else np.inf, (h / 2) / abs(dy) if dy else np.inf)
+    return cx + t * dx + gap * dx / norm, cy + t * dy + gap * dy / norm
+
+
+def system_diagram(ax, *, details: bool = True, title: str | None = "How the pieces fit together") -> SystemDiagram:
+    """Draw the book's system diagram: user data -> meta-learner -> language model ->
+    recommendations -> feedback -> back to user data, as five boxes joined by arrows.
+
+    The first three stages run left to right along the top row; recommendations and feedback
+    run right to left along the bottom row, closing the loop. Each arrow is labelled with what
+    travels along it (:data:`SYSTEM_FLOWS`). Drawn with plain matplotlib patches, so the figure
+    needs nothing but matplotlib to render (no internet, no graphviz).
+
+    Args:
+        ax: a matplotlib Axes (its limits are set to ``[0, 14] x [0, 6.6]``, axis hidden,
+            aspect equal). A figure about 10 x 5 inches reads well.
+        details: also print, under each label, what the stage does and which chapters build it.
+        title: axes title; ``None`` for none.
+
+    Returns:
+        a :class:`SystemDiagram` with the boxes and arrows in data coordinates.
+    """
+    from matplotlib.axes import Axes
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    if not isinstance(ax, Axes):
+        raise TypeError(f"ax must be a matplotlib Axes (e.g. from plots.new_figure()), got {type(ax).__name__}.")
+    if not isinstance(details, bool):
+        raise TypeError(f"details must be True or False, got {details!r}.")
+    if title is not None and not isinstance(title, str):
+        raise TypeError(f"title must be a string or None, got {type(title).__name__}.")
+
+    w, h = 3.0, 1.7
+    top, bottom = 4.2, 0.6
+    # centres: top row left -> right, bottom row right -> left
+    centres = [(2.0, top + h / 2), (7.0, top + h / 2), (12.0, top + h / 2),
+               (9.5, bottom + h / 2), (4.5, bottom + h / 2)]
+    colours = [PALETTE[0], PALETTE[1], PALETTE[2], PALETTE[4], PALETTE[3]]
+    out = SystemDiagram()
+    for (label, what, chapters), (cx, cy), colour in zip(SYSTEM_STAGES, centres, colours):
+        box = (cx - w / 2, cy - h / 2, w, h)
+        patch = FancyBboxPatch((box[0], box[1]), w, h, boxstyle="round,pad=0.02,rounding_size=0.18",
+                               facecolor=colour, alpha=0.16, edgecolor=colour, linewidth=1.8)
+        ax.add_patch(patch)
+        # a second, opaque outline so the border keeps its full colour despite alpha
+        ax.add_patch(FancyBboxPatch((box[0], box[1]), w, h, boxstyle="round,pad=0.02,rounding_size=0.18",
+                                    facecolor="none", edgecolor=colour, linewidth=1.8))
+        if details:
+            ax.text(cx, cy + 0.45, label, ha="center", va="center", fontsize=11, fontweight="bold", color="#222222")
+            ax.text(cx, cy - 0.12, what, ha="center", va="center", fontsize=8.5, color="#333333", linespacing=1.15)
+            ax.text(cx, cy - 0.62, chapters, ha="center", va="center", fontsize=8, style="italic", color="#555555")
+        else:
+            ax.text(cx, cy, label, ha="center", va="center", fontsize=11, fontweight="bold", color="#222222")
+        out.boxes[label] = box
+        out.patches[label] = patch
+
+    labels = [s[0] for s in SYSTEM_STAGES]
+    gap = 0.12
+    for i, flow in enumerate(SYSTEM_FLOWS):
+        a, b = labels[i], labels[(i + 1) % len(labels)]
+        ca, cb = centres[i], centres[(i + 1) % len(labels)]
+        start = _box_exit(out.boxes[a], cb, gap)
+        end = _box_exit(out.boxes[b], ca, gap)
+        arrow = FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=16, linewidth=1.6,
+                                color="#444444", shrinkA=0, shrinkB=0)
+        ax.add_patch(arrow)
+        mx, my = (start[0] + end[0]) / 2, (start[1] + end[1]) / 2
+        horizontal = abs(end[1] - start[1]) < 1e-9
+        ax.text(mx + (0 if horizontal else (0.25 if end[0] > start[0] else -0.25)),
+                my + (0.22 if horizontal else 0.0), flow,
+                ha="center" if horizontal else ("left" if end[0] > start[0] else "right"),
+                va="bottom" if horizontal else "center", fontsize=8.5, color="#444444")
+        out.arrows.append((a, b, start, end))
+        out.arrow_patches.append(arrow)
+
+    ax.text(7.0, (top + bottom + h) / 2, "the loop turns once per interaction", ha="center", va="center",
+            fontsize=8.5, style="italic", color="#777777")
+    ax.set_xlim(0, 14)
+    ax.set_ylim(0, 6.6)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    if title:
+        ax.set_title(title)
+    return out
