@@ -774,8 +774,10 @@ def reptile_step(
             is used (then the query set stays held out for evaluation).
         epsilon: outer step size > 0 (the paper anneals it linearly towards 0).
         The other arguments are those of :func:`maml_loss`; tasks without any real example are left
-        out of the mean. The paper runs Adam on mini-batches in its experiments; here the inner
-        optimiser is plain full-batch SGD, the setting of its analysis.
+        out of the mean. The paper runs Adam on mini-batches in its experiments, and its Taylor
+        analysis (section 5.1) takes each inner step on a *different* mini-batch; here the inner
+        optimiser is plain full-batch SGD, for which the "AvgGradInner" term of that analysis
+        becomes the gradient of half the squared norm of the full-batch gradient.
 
     Returns:
         The new values of ``params`` as detached tensors (``frozen`` is untouched); write them into
