@@ -8,6 +8,22 @@ Subcommands
     over tasks, (c) the ``higher`` library (``pip install "mrec_utils[bench]"``), (d) first-order
     MAML with ``vmap``; plus how far apart their meta-gradients are. See :func:`speed_benchmark`.
 
+``coldstart``
+    The cold-start comparison of chapter 5 (:func:`mrec_utils.coldstart.run_coldstart`): global
+    and item means, MF with fold-in, the MeLU-style network with and without fine-tuning, MAML,
+    FOMAML, MeLU/ANIL, Reptile and a prototypical head, on the same episodes, over several seeds;
+    prints the table of the book and writes it (``--out results.csv|.json``). Example:
+    ``python -m mrec_utils.benchmark coldstart --dataset ml-latest-small --scenario user-cold --shots 10``.
+
+``report``
+    Chapter 10's results table: reads the ``coldstart_*_per_user.csv`` files of several
+    ``coldstart`` runs (each next to its ``--out`` JSON) and prints / writes the mean and 95%
+    bootstrap interval per scenario x k x method (:func:`coldstart_report`).
+
+``cost``
+    Chapter 10's cost table: fits the methods once and reports training seconds, adaptation
+    milliseconds per test user and parameters (:func:`coldstart_cost`).
+
 Adding a subcommand: write ``_add_<name>_parser(subparsers)`` that creates the sub-parser and
 sets ``func=<callable(args) -> int>``, and call it from :func:`build_parser`.
 """
@@ -31,7 +47,8 @@ from torch import nn
 
 from mrec_utils import meta
 
-__all__ = ["SPEED_METHODS", "speed_benchmark", "build_parser", "main"]
+__all__ = ["SPEED_METHODS", "speed_benchmark", "REPORT_METRICS", "LIVE_SLICE", "load_coldstart_per_user", "coldstart_report",
+           "coldstart_cost", "build_parser", "main"]
 
 SPEED_METHODS: dict[str, str] = {
     "vmap": "(a) mrec_utils.meta, vmap over tasks",
@@ -352,11 +369,342 @@ def _add_speed_parser(subparsers: Any) -> None:
     p.set_defaults(func=_run_speed)
 
 
+def _config_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["meta_epochs=5", "hidden=32,16"]`` -> typed ColdStartConfig overrides."""
+    import dataclasses
+
+    from mrec_utils.coldstart import ColdStartConfig
+
+    fields = {f.name: f for f in dataclasses.fields(ColdStartConfig)}
+    defaults = ColdStartConfig()
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"--set expects KEY=VALUE with KEY one of {', '.join(fields)}; got {pair!r}.")
+        current = getattr(defaults, key)
+        if current is None:  # e.g. min_ratings: int | None -> the annotation says the type
+            current = 0 if "int" in str(fields[key].type) else ""
+        try:
+            if value.lower() == "none" and getattr(defaults, key) is None:
+                out[key] = None
+            elif isinstance(current, tuple):
+                kind = type(current[0]) if current else float
+                out[key] = tuple(kind(v) for v in value.split(",") if v)
+            elif isinstance(current, bool):
+                out[key] = value.lower() in ("1", "true", "yes")
+            elif isinstance(current, (int, float)):
+                out[key] = type(current)(value)
+            else:
+                out[key] = value
+        except ValueError as exc:
+            raise ValueError(f"--set {pair}: {exc}") from exc
+    return out
+
+
+def _run_coldstart(args: argparse.Namespace) -> int:
+    from mrec_utils import coldstart
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}.")
+        torch.set_num_threads(args.threads)
+    if args.out and Path(args.out).suffix.lower() not in (".csv", ".json"):
+        raise ValueError(f"--out must end in .csv or .json, got {args.out!r}.")
+    shots: Any = args.shots if args.shots == "melu" else int(args.shots) if args.shots.isdigit() else args.shots
+    over = _config_overrides(args.set or [])
+    over["use_user_features"] = {"auto": "auto", "yes": True, "no": False}[args.user_features]
+    if args.no_item_id:
+        over["use_item_id"] = False
+    if args.device:
+        over["device"] = args.device
+    cfg = coldstart.ColdStartConfig().replace(**over)
+    t0 = time.perf_counter()
+    res = coldstart.run_coldstart(args.dataset, args.scenario, shots, seeds=args.seeds, methods=args.methods,
+                                  config=cfg, data_dir=args.data_dir, progress=not args.no_progress,
+                                  catalogue=not args.no_catalogue)
+    table = coldstart.format_table(res.summary)
+    with pd.option_context("display.width", 250, "display.max_columns", 40):
+        print(table.to_string())
+    print(f"{res.settings['dataset']}, {args.scenario}, shots={shots}, seeds={list(args.seeds)}: "
+          f"{time.perf_counter() - t0:.0f} s; reference (best non-meta baseline): {res.summary.attrs['reference']}")
+    if args.out:
+        df = res.summary.reset_index()
+        df.attrs = {"settings": res.settings, "reference": res.summary.attrs["reference"]}
+        print(f"wrote {_write_out(df, args.out)}")
+    if args.per_user:
+        res.per_user.to_csv(args.per_user, index=False)
+        print(f"wrote {args.per_user}")
+    return 0
+
+
+def _add_coldstart_parser(subparsers: Any) -> None:
+    from mrec_utils.coldstart import METHODS, SCENARIOS
+
+    p = subparsers.add_parser(
+        "coldstart",
+        help="chapter 5's cold-start comparison: baselines vs meta-learning, same episodes",
+        description="Train and evaluate every cold-start method on the same episodes (k-shot support, "
+        "10 query ratings per test user) over several seeds; print the table of chapter 5.",
+    )
+    p.add_argument("--dataset", default="ml-latest-small", help="MovieLens release (ml-latest-small, ml-100k, ml-1m, ...)")
+    p.add_argument("--data-dir", default=None, help="folder holding the release (default: MREC_DATA_DIR, then the cache)")
+    p.add_argument("--scenario", default="user-cold", help=f"one of {', '.join(SCENARIOS)}")
+    p.add_argument("--shots", default="10", help="support size k (e.g. 5, 10, 20) or 'melu' for MeLU's preset")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=None, help=f"subset of: {' '.join(METHODS)} (default: all)")
+    p.add_argument("--user-features", default="auto", choices=["auto", "yes", "no"],
+                   help="use gender/age/occupation (ml-100k, ml-1m); 'yes' fails on releases without them")
+    p.add_argument("--no-item-id", action="store_true", help="no item-id embedding (attributes only)")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override a ColdStartConfig field, e.g. meta_epochs=20")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for this run")
+    p.add_argument("--no-catalogue", action="store_true", help="skip the full-catalogue HR@10 / nDCG@10")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--out", default=None, help="write the summary table to this .csv or .json file")
+    p.add_argument("--per-user", default=None, help="also write the per-user metrics to this .csv file")
+    p.set_defaults(func=_run_coldstart)
+
+
+# ----------------------------------------------------------------------------------- chapter 10
+
+
+REPORT_METRICS: tuple[str, ...] = ("mae", "rmse", "ndcg@3", "hr@10", "ndcg@10")
+"""Metrics of :func:`coldstart_report` (``rmse`` is computed from the per-user ``mse``)."""
+
+LIVE_SLICE: dict[str, Any] = {
+    "scenario": "user-cold", "shots": 10, "seeds": (0,),
+    "methods": ("global_mean", "item_mean", "mf_foldin", "net", "net_finetune", "melu"),
+}
+"""The slice of the committed sweep that chapter 10 re-runs live and ``tests/test_benchmark_results.py``
+re-computes: ``run_coldstart("ml-latest-small", **LIVE_SLICE)`` with one CPU thread must reproduce the
+file ``benchmarks/results/coldstart_user-cold_k10_per_user.csv`` (seed 0, these methods)."""
+
+
+def load_coldstart_per_user(paths: Sequence[str | Path]) -> pd.DataFrame:
+    """Read the ``--per-user`` CSV files of several ``coldstart`` runs into one frame.
+
+    Each file must sit next to the run's ``--out`` JSON of the same stem (``<stem>.json`` for
+    ``<stem>_per_user.csv``), which names the scenario and the shots; they become the columns
+    ``scenario`` and ``k``.
+
+    Returns:
+        one row per (scenario, k, seed, method, test user) with the metrics of
+        :func:`mrec_utils.coldstart.evaluate` and ``fit_seconds``.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    frames = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} not found; run benchmarks/run_all.sh to produce it.")
+        meta_path = p.with_name(p.name.replace("_per_user.csv", ".json"))
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path} (the run's --out JSON) not found next to {p}.")
+        settings = json.loads(meta_path.read_text())["meta"]["settings"]
+        df = pd.read_csv(p)
+        df.insert(0, "k", settings["shots"])
+        df.insert(0, "scenario", settings["scenario"])
+        frames.append(df)
+    if not frames:
+        raise ValueError("no per-user files given.")
+    return pd.concat(frames, ignore_index=True)
+
+
+def coldstart_report(per_user: pd.DataFrame, metrics_: Sequence[str] = REPORT_METRICS, n_boot: int = 2000,
+                     seed: int = 0) -> pd.DataFrame:
+    """Mean and 95% bootstrap interval of each metric per scenario x k x method.
+
+    The interval resamples the evaluated (seed, test user) pairs (percentile bootstrap,
+    :func:`mrec_utils.metrics.bootstrap_ci`); RMSE is the square root of the mean squared error,
+    its interval the square root of the MSE interval. Users without a relevant query item have
+    NaN HR@10 / nDCG@10 and are left out of those two.
+
+    Args:
+        per_user: :func:`load_coldstart_per_user` output (columns scenario, k, seed, method, user_id, metrics).
+
+    Returns:
+        DataFrame indexed by (scenario, k, method) with ``<metric>``, ``<metric> low``,
+        ``<metric> high`` per metric, ``seeds`` and ``users`` (evaluated pairs).
+    """
+    import numpy as np
+
+    from mrec_utils import metrics
+    from mrec_utils.coldstart import METHODS, SCENARIOS
+
+    need = {"scenario", "k", "seed", "method", "user_id", "mae", "mse"}
+    if not isinstance(per_user, pd.DataFrame) or not need <= set(per_user.columns):
+        raise ValueError(f"per_user must be a DataFrame with the columns {sorted(need)} (see load_coldstart_per_user).")
+    rows = []
+    for (sc, k, m), d in per_user.groupby(["scenario", "k", "method"], sort=False):
+        row: dict[str, Any] = {"scenario": sc, "k": k, "method": m}
+        for name in metrics_:
+            col = "mse" if name == "rmse" else name
+            if col not in d:
+                continue
+            v = d[col].dropna().to_numpy(float)
+            if len(v) < 2:
+                est = lo = hi = float(v.mean()) if len(v) else float("nan")
+            else:
+                ci = metrics.bootstrap_ci(v, n_boot=n_boot, seed=seed)
+                est, lo, hi = ci.estimate, ci.low, ci.high
+            if name == "rmse":
+                est, lo, hi = (float(np.sqrt(x)) for x in (est, lo, hi))
+            row.update({name: est, f"{name} low": lo, f"{name} high": hi})
+        row["seeds"] = d["seed"].nunique()
+        row["users"] = len(d)
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    out["_s"] = out["scenario"].map({s: i for i, s in enumerate(SCENARIOS)})
+    out["_m"] = out["method"].map({s: i for i, s in enumerate(METHODS)}).fillna(len(METHODS))
+    out = out.sort_values(["_s", "k", "_m"]).drop(columns=["_s", "_m"]).set_index(["scenario", "k", "method"])
+    return out
+
+
+def _n_params(module: nn.Module, spec: Any = None) -> int:
+    return sum(v.numel() for v in (meta.split_params(module, spec)[0] if spec is not None else dict(module.named_parameters())).values())
+
+
+def coldstart_cost(result: Any, repeats: int = 3) -> pd.DataFrame:
+    """Cost of each fitted method of a :class:`mrec_utils.coldstart.ColdStartResult`.
+
+    Columns: ``method``, ``train s`` (mean seconds to fit over the result's seeds, validation
+    choices included), ``adapt ms / user`` (median over ``repeats`` of the wall time to adapt to
+    and predict the query ratings of every test user at once, divided by the number of users;
+    no catalogue), ``parameters`` (learned numbers), ``adapted / user`` (numbers changed for
+    each new user). Timings depend on the machine and its load (``attrs["loadavg"]``).
+    """
+    import numpy as np
+
+    from mrec_utils.coldstart import ColdStartResult, METHODS
+    from mrec_utils.models import melu_adapt_spec
+
+    if not isinstance(result, ColdStartResult):
+        raise TypeError(f"result must be a ColdStartResult (run_coldstart's output), got {type(result).__name__}.")
+    _check_int("repeats", repeats, 1)
+    rows = []
+    seeds = sorted({s for s, _ in result.fitted})
+    for m in [m for m in METHODS if any(mm == m for _, mm in result.fitted)]:
+        fits = [result.fitted[s, m] for s in seeds if (s, m) in result.fitted]
+        f, data = fits[0], result.data[seeds[0]]
+        n_cat, info = data.features.n_items, f.info
+        if m == "global_mean":
+            n_par, n_ad = 1, 0
+        elif m == "item_mean":
+            n_par, n_ad = n_cat, 0
+        elif m == "mf_foldin":
+            mf = info["mf"]
+            n_par = 1 + sum(t.numel() for t in (mf.item_factors, mf.item_bias, mf.user_factors, mf.user_bias))
+            n_ad = mf.item_factors.shape[1] + 1
+        elif m == "protonet":
+            n_par, n_ad = _n_params(info["model"]), 0
+        else:
+            model = info["model"]
+            n_par = _n_params(model)
+            n_ad = 0 if info["steps"] == 0 else _n_params(model, melu_adapt_spec(info["adapt"]))
+        times = []
+        for _ in range(repeats):
+            _sync(data.device)
+            t0 = time.perf_counter()
+            f.predict(data.test, False)
+            _sync(data.device)
+            times.append(time.perf_counter() - t0)
+        rows.append({"method": m, "train s": float(np.mean([x.seconds for x in fits])),
+                     "adapt ms / user": 1e3 * statistics.median(times) / len(data.test),
+                     "parameters": int(n_par), "adapted / user": int(n_ad)})
+    out = pd.DataFrame(rows)
+    out.attrs.update({"settings": {k: v for k, v in result.settings.items() if k != "config"},
+                      "device": str(result.data[seeds[0]].device), "threads": torch.get_num_threads(),
+                      "loadavg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None})
+    return out
+
+
+def _write_table(df: pd.DataFrame, out: str) -> list[Path]:
+    """Write ``df`` (index reset) to ``out`` and to the same stem with the other suffix (.csv and .json)."""
+    base = Path(out)
+    if base.suffix.lower() not in (".csv", ".json"):
+        raise ValueError(f"--out must end in .csv or .json, got {out!r}.")
+    flat = df.reset_index() if df.index.name or any(df.index.names) else df
+    flat.attrs = dict(df.attrs)
+    return [_write_out(flat, str(base.with_suffix(s))) for s in (".csv", ".json")]
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    folder = Path(args.results)
+    files = sorted(folder.glob("coldstart_*_per_user.csv"))
+    if not files:
+        raise FileNotFoundError(f"no coldstart_*_per_user.csv in {folder}; run benchmarks/run_all.sh first.")
+    rep = coldstart_report(load_coldstart_per_user(files), seed=args.seed)
+    rep.attrs = {"files": [f.name for f in files], "interval": "95% percentile bootstrap over (seed, test user) pairs"}
+    with pd.option_context("display.width", 250, "display.max_columns", 40, "display.max_rows", 500):
+        print(rep[[c for c in rep.columns if c in ("mae", "mae low", "mae high", "ndcg@10", "ndcg@10 low", "ndcg@10 high", "users")]]
+              .round(3).to_string())
+    if args.out:
+        for p in _write_table(rep, args.out):
+            print(f"wrote {p}")
+    return 0
+
+
+def _run_cost(args: argparse.Namespace) -> int:
+    from mrec_utils import coldstart
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}.")
+        torch.set_num_threads(args.threads)
+    cfg = coldstart.ColdStartConfig() if not args.device else coldstart.ColdStartConfig(device=args.device)
+    shots: Any = args.shots if args.shots == "melu" else int(args.shots)
+    res = coldstart.run_coldstart(args.dataset, args.scenario, shots, seeds=args.seeds, methods=args.methods,
+                                  config=cfg, data_dir=args.data_dir, progress=False, catalogue=False)
+    cost = coldstart_cost(res, repeats=args.repeats)
+    print(cost.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"device={cost.attrs['device']}, threads={cost.attrs['threads']}, load avg {cost.attrs['loadavg']}")
+    if args.out:
+        for p in _write_table(cost, args.out):
+            print(f"wrote {p}")
+    return 0
+
+
+def _add_report_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "report", help="chapter 10's table: mean and 95%% interval per scenario x k x method from coldstart runs",
+        description="Aggregate the per-user files of several coldstart runs (coldstart_*_per_user.csv next to "
+        "their --out .json) into one table: mean and 95 percent bootstrap interval of MAE, RMSE, nDCG@3, HR@10, "
+        "nDCG@10 per scenario x k x method.")
+    p.add_argument("--results", default="benchmarks/results", help="folder holding the coldstart_* files")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--out", default=None, help="write the table to this .csv and the matching .json")
+    p.set_defaults(func=_run_report)
+
+
+def _add_cost_parser(subparsers: Any) -> None:
+    from mrec_utils.coldstart import METHODS
+
+    p = subparsers.add_parser(
+        "cost", help="chapter 10's cost table: training time, adaptation time per user, parameters",
+        description="Fit the cold-start methods once and report training seconds, adaptation milliseconds "
+        "per test user and the number of learned / per-user adapted parameters.")
+    p.add_argument("--dataset", default="ml-latest-small")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--scenario", default="user-cold")
+    p.add_argument("--shots", default="10")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--methods", nargs="+", default=None, help=f"subset of: {' '.join(METHODS)} (default: all)")
+    p.add_argument("--repeats", type=int, default=3, help="timed adaptation repeats (median)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="write the table to this .csv and the matching .json")
+    p.set_defaults(func=_run_cost)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m mrec_utils.benchmark`` parser with one sub-parser per subcommand."""
     parser = argparse.ArgumentParser(prog="python -m mrec_utils.benchmark", description="Benchmarks of mrec_utils; one subcommand each.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_speed_parser(subparsers)
+    _add_coldstart_parser(subparsers)
+    _add_report_parser(subparsers)
+    _add_cost_parser(subparsers)
     return parser
 
 
