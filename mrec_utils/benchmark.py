@@ -697,6 +697,74 @@ def _add_cost_parser(subparsers: Any) -> None:
     p.set_defaults(func=_run_cost)
 
 
+# ----------------------------------------------------------------------------------- chapter 8
+
+
+def _run_gpt_meta(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from mrec_utils import data, gpt_meta, lm, tasks
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}.")
+        torch.set_num_threads(args.threads)
+    if args.out and Path(args.out).suffix.lower() not in (".csv", ".json"):
+        raise ValueError(f"--out must end in .csv or .json, got {args.out!r}.")
+    t0 = time.perf_counter()
+    ml = data.load_movielens(args.dataset, data_dir=args.data_dir)
+    train = tasks.make_split(ml.ratings, "user-cold", seed=args.seed).train  # the split head_benchmark uses
+    counts = train.item_id.value_counts()
+    ids = np.sort(counts.index[counts.to_numpy() >= args.min_item_count].to_numpy())  # the catalogue: embed only these
+    texts = data.item_text(ml.items, ml.tags).reindex(ids)
+    model = lm.load_causal_lm(args.lm)
+    raw = lm.embed_texts(texts.tolist(), model, layers=args.layers, pooling="mean", normalize=True,
+                         progress=not args.no_progress)
+    feats = gpt_meta.lm_item_features(raw, n_components=args.components)
+    t1 = time.perf_counter()
+    res = gpt_meta.head_benchmark(ml.ratings, feats, ids, ks=args.k, methods=args.methods, meta_steps=args.meta_steps,
+                                  min_item_count=args.min_item_count, seed=args.seed, device=args.device)
+    show = res.assign(**{"AUC [95%]": [f"{a:.3f} [{lo:.3f}, {hi:.3f}]" for a, lo, hi in zip(res.auc, res.auc_low, res.auc_high)],
+                         "AUC - global [95%]": [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in
+                                                zip(res.auc_minus_global, res.diff_low, res.diff_high)]})
+    show = show[["method", "k", "users", "AUC [95%]", "AUC - global [95%]", "ndcg@10", "ms_per_user"]].round(3)
+    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_rows", 200):
+        print(show.to_string(index=False))
+    print(f"{args.dataset}: LM features {raw.shape} in {t1 - t0:.0f} s, heads {time.perf_counter() - t1:.0f} s; {res.attrs['split']}")
+    if args.out:
+        df = res.assign(k=res.k.astype(str))
+        df.attrs = {**res.attrs, "lm": model.name, "layers": args.layers, "components": args.components}
+        print(f"wrote {_write_out(df, args.out)}")
+    return 0
+
+
+def _add_gpt_meta_parser(subparsers: Any) -> None:
+    from mrec_utils.gpt_meta import HEAD_METHODS
+
+    p = subparsers.add_parser(
+        "gpt-meta",
+        help="chapter 8, part 1: meta-learned user heads on LM item features (query AUC, nDCG@10)",
+        description="Embed the catalogue's item texts with a causal LM (cached), then compare a global head, "
+        "per-user logistic regression, fine-tuning, MAML, FOMAML, ANIL, Reptile and a prototypical network "
+        "on the same new users for several support sizes k, plus new (text-only) films at k = 16.",
+    )
+    p.add_argument("--dataset", default="ml-latest-small", help="MovieLens release")
+    p.add_argument("--data-dir", default=None, help="folder holding the release (default: MREC_DATA_DIR, then the cache)")
+    p.add_argument("--lm", default=None, help="language model: a Hugging Face id or path (default: the offline SmolLM2 GGUF)")
+    p.add_argument("--layers", type=int, default=8, help="transformer blocks used for the embeddings (chapter 8/9: 8)")
+    p.add_argument("--components", type=int, default=64, help="PCA dimension of the item features")
+    p.add_argument("--k", nargs="+", type=int, default=[4, 8, 16, 32], help="support sizes")
+    p.add_argument("--methods", nargs="+", default=list(HEAD_METHODS), choices=list(HEAD_METHODS))
+    p.add_argument("--meta-steps", type=int, default=200, help="outer steps of MAML/FOMAML/ANIL/Reptile")
+    p.add_argument("--min-item-count", type=int, default=25, help="catalogue: items with this many training ratings")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for this run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", default=None, help="write the table to this .csv or .json file")
+    p.set_defaults(func=_run_gpt_meta)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m mrec_utils.benchmark`` parser with one sub-parser per subcommand."""
     parser = argparse.ArgumentParser(prog="python -m mrec_utils.benchmark", description="Benchmarks of mrec_utils; one subcommand each.")
@@ -705,6 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_coldstart_parser(subparsers)
     _add_report_parser(subparsers)
     _add_cost_parser(subparsers)
+    _add_gpt_meta_parser(subparsers)
     return parser
 
 

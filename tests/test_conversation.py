@@ -1,0 +1,445 @@
+"""Tests of mrec_utils.conversation (chapter 9's conversational recommender).
+
+Fast stand-ins: a deterministic bag-of-words text embedder (each word a fixed random vector) and a
+tiny random GPT-2 with an in-memory character tokenizer for the LM reason path.
+"""
+
+from __future__ import annotations
+
+import string
+import zlib
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mrec_utils import conversation as C
+from mrec_utils import meta
+from mrec_utils.conversation import (
+    ConvRecommender,
+    Conversation,
+    SimUser,
+    adapt_head,
+    center_embeddings,
+    clean_reason,
+    hit_curves,
+    parse_feedback,
+    respond,
+    run_script,
+    score_items,
+    simulate_user_sessions,
+    template_reason,
+)
+
+DIM = 24
+GENRES = ["Horror", "Comedy", "Romance", "Drama", "Animation", "Thriller"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class LinearHead(torch.nn.Module):
+    """logit = w . x + b, input [N, d] -> [N]."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.out = torch.nn.Linear(dim, 1)
+
+    def forward(self, x):
+        return self.out(x).squeeze(-1)
+
+
+def word_vec(word: str) -> np.ndarray:
+    rng = np.random.default_rng(zlib.crc32(word.encode()))
+    return rng.standard_normal(DIM).astype(np.float32)
+
+
+def bow_embed(texts):
+    """Deterministic stand-in for an LM embedder: sum of per-word random vectors."""
+    out = []
+    for t in texts:
+        words = [w for w in "".join(c.lower() if c.isalnum() else " " for c in t).split() if w]
+        out.append(np.sum([word_vec(w) for w in words], axis=0) if words else np.full(DIM, 1e-3, np.float32))
+    return np.stack(out).astype(np.float32)
+
+
+def make_catalog(n: int = 18):
+    ids = np.arange(100, 100 + n, dtype=np.int64)
+    titles = [f"Movie {i} ({1980 + i})" for i in range(n)]
+    texts = [f"{titles[i]}. Genres: {GENRES[i % len(GENRES)]}, {GENRES[(i + 2) % len(GENRES)]}." for i in range(n)]
+    return ids, titles, texts
+
+
+def make_rec(n: int = 18, reason_fn=None, prior_weight: float = 2.0, head=None) -> ConvRecommender:
+    ids, titles, texts = make_catalog(n)
+    x, center = center_embeddings(bow_embed(texts))
+    torch.manual_seed(0)
+    head = LinearHead(DIM) if head is None else head
+    return ConvRecommender(ids, texts, titles, x, center, head, bow_embed, reason_fn=reason_fn,
+                           prior_weight=prior_weight, inner_lr=1.0, steps=2,
+                           popularity=np.arange(n, 0, -1).astype(np.float32))
+
+
+def stub_reason(statement, liked, item_text):
+    return f"It fits because {item_text.split('. ')[0]} matches what you said. Extra sentence here."
+
+
+SCRIPT = [
+    "Hi! I like scary Horror movies with a Thriller edge.",
+    "yes, I liked it",
+    "not for me",
+    "haven't seen it",
+    "👍",
+    "4/5",
+    "No. Something with Romance please",
+    "quit",
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# feedback parsing
+# ------------------------------------------------------------------------------------------------
+
+FEEDBACK_TABLE = [
+    ("yes", "like"), ("Yes!", "like"), ("yeah, loved it", "like"), ("I liked it", "like"),
+    ("I really enjoyed it", "like"), ("not bad", "like"), ("👍", "like"), ("😍😍", "like"),
+    ("4/5", "like"), ("8 out of 10", "like"), ("4.5 stars", "like"), ("★★★★", "like"), ("5", "like"),
+    ("no", "dislike"), ("No.", "dislike"), ("not for me", "dislike"), ("I didn't like it", "dislike"),
+    ("didn’t like it", "dislike"), ("meh", "dislike"), ("it was boring", "dislike"), ("not good", "dislike"),
+    ("👎", "dislike"), ("2/5", "dislike"), ("3 stars", "dislike"), ("6/10", "dislike"), ("★★", "dislike"),
+    ("3", "dislike"),
+    ("haven't seen it", "unseen"), ("I have not seen it", "unseen"), ("never watched it", "unseen"),
+    ("skip", "unseen"), ("next", "unseen"), ("don't know it", "unseen"),
+    ("", None), ("   ", None), ("I like quiet dramas about families", None), ("Horror", None),
+    ("I like films with strong female leads and great soundtracks from the eighties", None),
+    ("🎬🍿", None),
+]
+
+
+@pytest.mark.parametrize("text,expected", FEEDBACK_TABLE)
+def test_parse_feedback_table(text, expected):
+    assert parse_feedback(text) == expected
+
+
+def test_parse_feedback_rejects_non_str():
+    with pytest.raises(TypeError):
+        parse_feedback(None)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop
+# ------------------------------------------------------------------------------------------------
+
+
+def _replies(rec):
+    return [(r.text, r.kind, r.item_id, r.feedback) for _, r in run_script(rec, SCRIPT)]
+
+
+def test_scripted_dialogue_is_deterministic_and_understands_turns():
+    a = _replies(make_rec(reason_fn=stub_reason))
+    b = _replies(make_rec(reason_fn=stub_reason))
+    assert a == b
+    kinds = [k for _, k, _, _ in a]
+    assert kinds == ["recommend"] * 7 + ["goodbye"]
+    assert [f for _, _, _, f in a] == [None, "like", "dislike", "unseen", "like", "like", "dislike", None]
+    assert "You liked 3" in a[-1][0] or "liked 3" in a[-1][0]
+    # the LM-style reason was cleaned to one sentence
+    assert "Extra sentence" not in a[0][0] and "It fits because Movie" in a[0][0]
+
+
+def test_statement_drives_retrieval():
+    rec = make_rec(prior_weight=50.0)  # the statement dominates a random head
+    r = respond(rec, Conversation(), "Horror Horror Horror")
+    assert "Horror" in rec.texts[rec.rows_of([r.item_id])[0]]
+
+
+def test_never_recommends_rated_or_shown_until_exhausted():
+    rec = make_rec(n=12)
+    rated = rec.item_ids[[0, 5, 7]]
+    session = Conversation.for_user(rec, rated_item_ids=rated)
+    turns = ["I like Comedy"] + ["no", "yes", "haven't seen it"] * 4
+    pairs = run_script(rec, turns, session)
+    recs = [r.item_id for _, r in pairs if r.kind == "recommend"]
+    assert len(recs) == len(set(recs)) == 12 - 3
+    assert not set(recs) & set(rated.tolist())
+    assert pairs[-1][1].kind == "exhausted"
+
+
+def test_new_statement_instead_of_answer_keeps_shown_excluded():
+    rec = make_rec()
+    s = Conversation()
+    first = respond(rec, s, "I like Horror").item_id
+    second = respond(rec, s, "I like Horror").item_id
+    assert first != second and s.unseen == rec.rows_of([first])
+
+
+@pytest.mark.parametrize(
+    "turn,kind,needle",
+    [
+        ("", "clarify", "didn't catch"),
+        ("   \n\t ", "clarify", "didn't catch"),
+        ("🎬🍿🎥", "clarify", "couldn't find any words"),
+        ("?", "help", "quit"),
+        ("yes", "clarify", "haven't suggested anything"),
+        ("Ich mag Horrorfilme und Komödien", "recommend", "How about"),
+        ("我喜欢恐怖电影", "recommend", "best in English"),
+        ("Мне нравятся комедии", "recommend", "best in English"),
+    ],
+)
+def test_malformed_input_gets_sensible_reply(turn, kind, needle):
+    rec = make_rec(reason_fn=stub_reason)
+    r = respond(rec, Conversation(), turn)
+    assert r.kind == kind and needle in r.text
+
+
+def test_very_long_input_is_truncated():
+    rec = make_rec()
+    seen = []
+    rec.embed_fn = lambda texts: (seen.extend(texts), bow_embed(texts))[1]
+    r = respond(rec, Conversation(), "I like Horror " * 400)  # 5,600 characters
+    assert r.kind == "recommend" and "That was long" in r.text
+    assert seen and max(len(t) for t in seen) <= C.MAX_CHARS
+
+
+def test_emoji_after_recommendation_is_feedback_and_non_str_is_typeerror():
+    rec = make_rec()
+    s = Conversation()
+    respond(rec, s, "I like Comedy")
+    assert respond(rec, s, "👎").feedback == "dislike" and len(s.disliked) == 1
+    assert respond(rec, s, "").kind == "clarify" and s.last is not None  # asks about the last movie
+    with pytest.raises(TypeError):
+        respond(rec, s, None)  # type: ignore[arg-type]
+
+
+def test_non_str_reason_output_and_errors_fall_back_to_template():
+    def broken(statement, liked, text):
+        raise ValueError("prompt too long")
+
+    for fn in (broken, lambda *a: "", lambda *a: "!!!! ???? ....", lambda *a: "the the the the the the"):
+        r = respond(make_rec(reason_fn=fn), Conversation(), "I like Horror")
+        assert r.reason_source == "template" and r.reason.endswith(".") and r.title.split(" (")[0] in r.reason
+
+
+# ------------------------------------------------------------------------------------------------
+# adaptation
+# ------------------------------------------------------------------------------------------------
+
+
+def test_like_raises_similar_items_and_dislike_lowers_them():
+    rec = make_rec()
+    a = 3
+    x = rec.item_emb
+    sim = (x @ x[a]).numpy()
+    base = score_items(rec, None, None).numpy()
+    after_like = score_items(rec, adapt_head(rec, [a], []), None).numpy()
+    after_dislike = score_items(rec, adapt_head(rec, [], [a]), None).numpy()
+    up = after_like - base
+    # for a linear head, one SGD step on (x_a, 1) moves every score by lr * (1 - p_a) * (x_i . x_a + 1)
+    assert up[a] > 0 and (after_dislike - base)[a] < 0
+    assert np.corrcoef(up, sim)[0, 1] > 0.99
+    assert np.corrcoef(after_dislike - base, sim)[0, 1] < -0.99
+
+
+def test_adapt_head_matches_hand_written_sgd():
+    rec = make_rec()
+    liked, disliked = [1, 4], [2]
+    w = rec.init["out.weight"].clone().reshape(-1)
+    b = rec.init["out.bias"].clone().reshape(())
+    xs = rec.item_emb[liked + disliked]
+    y = torch.tensor([1.0, 1.0, 0.0])
+    for _ in range(rec.steps):
+        p = torch.sigmoid(xs @ w + b)
+        g = (p - y) / len(y)
+        w, b = w - rec.inner_lr * (xs.T @ g), b - rec.inner_lr * g.sum()
+    got = adapt_head(rec, liked, disliked)
+    assert torch.allclose(got["out.weight"].reshape(-1), w, atol=1e-6)
+    assert torch.allclose(got["out.bias"].reshape(()), b, atol=1e-6)
+    assert adapt_head(rec, [], []) == rec.init
+
+
+def test_center_embeddings():
+    raw = np.random.default_rng(0).standard_normal((10, 5)).astype(np.float32) + 3.0
+    x, c = center_embeddings(raw)
+    assert torch.allclose(x.norm(dim=1), torch.ones(10), atol=1e-5)
+    r = torch.nn.functional.normalize(torch.as_tensor(raw), dim=1)
+    assert torch.allclose(c, r.mean(0), atol=1e-6)
+    with pytest.raises(ValueError):
+        center_embeddings(raw[:1])
+
+
+def test_only_the_init_parameters_adapt_and_head_features_are_used():
+    from mrec_utils.gpt_meta import UserHead
+
+    rec0 = make_rec()
+    feats = torch.randn(len(rec0.item_ids), 7, generator=torch.Generator().manual_seed(1))
+    head = UserHead(7, d_proj=5)
+    init = {k: v.detach().clone() for k, v in head.named_parameters() if k.startswith("head")}
+    rec = ConvRecommender(rec0.item_ids, rec0.texts, rec0.titles, rec0.item_emb, rec0.center, head, bow_embed,
+                          head_features=feats, init=init, inner_lr=1.0, steps=2)
+    body = {k: v.detach().clone() for k, v in head.named_parameters() if k.startswith("body")}
+    p = adapt_head(rec, [0, 1], [2])
+    assert set(p) == set(init) and any(not torch.equal(p[k], init[k]) for k in init)
+    assert all(torch.equal(v, dict(head.named_parameters())[k]) for k, v in body.items())
+    with torch.no_grad():
+        expected = meta.functional_forward(head, p, {}, feats)
+    assert torch.allclose(score_items(rec, p, None), expected)
+    with pytest.raises(ValueError):
+        ConvRecommender(rec0.item_ids, rec0.texts, rec0.titles, rec0.item_emb, rec0.center, head, bow_embed,
+                        head_features=feats[:3])
+
+
+# ------------------------------------------------------------------------------------------------
+# reasons
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw,ok",
+    [
+        ("It is a funny animated film. It also has songs.", "It is a funny animated film."),
+        ('"**Because** you like comedies, this fits"', "Because you like comedies, this fits."),
+        ("", None), (None, None), ("ok.", None), ("1995 1995 1995 1995 ...", None),
+        ("good good good good good good good", None),
+        ("Toy Story (1995). Genres: Animation.", None),
+        ("You might enjoy Toy Story (1995) because", None),
+        ("This is an example of how to provide accurate information without inventing things.", None),
+        ("You might enjoy Toy Story (1995) because it is a funny animated film.",
+         "You might enjoy Toy Story (1995) because it is a funny animated film."),
+    ],
+)
+def test_clean_reason(raw, ok):
+    assert clean_reason(raw, "Toy Story (1995). Genres: Animation.") == ok
+
+
+def test_clean_reason_caps_length():
+    out = clean_reason("This film " + "is really very " * 40 + "good.", max_chars=100)
+    assert out is None or len(out) <= 101
+
+
+def test_template_reason_grounded_in_item_text():
+    t = template_reason("Alien (1979). Genres: Horror, Sci-Fi. Tags: space, scary.", "I like horror", [])
+    assert t == "Alien (1979) is a Horror and Sci-Fi film tagged space, scary, close to what you asked for."
+    assert "Heat" in template_reason("Alien (1979). Genres: Horror.", "", ["Heat (1995)"])
+
+
+def _tiny_lm():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from mrec_utils.lm import LoadedLM
+
+    vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2}
+    for c in string.printable[:95]:
+        vocab.setdefault(c, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+    tok.padding_side = "left"
+    cfg = GPT2Config(vocab_size=len(vocab), n_positions=1024, n_embd=DIM, n_layer=1, n_head=2,
+                     bos_token_id=2, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    return LoadedLM("tiny", GPT2LMHeadModel(cfg).eval(), tok, torch.device("cpu"))
+
+
+def test_with_a_tiny_lm_end_to_end_is_deterministic():
+    lm = _tiny_lm()
+    embed = C.lm_embed_fn(lm, use_cache=False)
+    reason = C.lm_reason_fn(lm, max_new_tokens=4)
+
+    def build():
+        ids, titles, texts = make_catalog(10)
+        x, center = center_embeddings(embed(texts))
+        torch.manual_seed(0)
+        return ConvRecommender(ids, texts, titles, x, center, LinearHead(DIM), embed, reason_fn=reason)
+
+    a = [(r.text, r.reason_source) for _, r in run_script(build(), SCRIPT[:3])]
+    b = [(r.text, r.reason_source) for _, r in run_script(build(), SCRIPT[:3])]
+    assert a == b and len(a) == 3
+
+
+def test_chat_loop_reads_until_quit():
+    turns = iter(["I like Drama", "yes", "quit", "never read"])
+    printed = []
+    s = C.chat(make_rec(), input_fn=lambda prompt: next(turns), print_fn=printed.append)
+    assert len(s.turns) == 3 and printed[-1].startswith("bot>  Goodbye") and len(s.liked) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# simulation
+# ------------------------------------------------------------------------------------------------
+
+
+def test_opening_statement_and_simulated_users():
+    assert C.opening_statement([["Comedy", "Romance"], ["Comedy"], ["Horror"]], [5, 4, 2]) == \
+        "I like Comedy and Romance movies."
+    assert C.opening_statement([["Horror"]], [1.0]) == "I like Horror movies."
+    assert C.opening_statement([[]], [5.0]) == "I like movies."
+    ts = pd.to_datetime([3, 1, 2, 4], unit="s", utc=True)
+    ratings = pd.DataFrame({"user_id": [7, 7, 7, 7], "item_id": [11, 10, 12, 13],
+                            "rating": [5.0, 4.0, 1.0, 3.0], "timestamp": ts})
+    items = pd.DataFrame({"item_id": [10, 11, 12, 13], "genres": [["Drama"], ["Drama", "War"], ["Horror"], []]})
+    (u,) = C.simulated_users(ratings, items, n_first=2)
+    # first two in time: item 10 (4 stars, Drama) and 12 (1 star, Horror): only the liked one counts
+    assert u.statement == "I like Drama movies." and list(u.known) == [10, 12]
+    assert u.ratings == {11: 5.0, 13: 3.0}
+
+
+def test_simulation_protocol_and_hit_curves():
+    rec = make_rec(n=12)
+    ids = rec.item_ids
+    # popularity order is catalogue order; user knows ids[0]; likes ids[2], dislikes ids[1]
+    users = [SimUser(1, "I like Horror", np.array([ids[0]]), {int(ids[1]): 2.0, int(ids[2]): 5.0}),
+             SimUser(2, "I like Comedy", np.array([], dtype=np.int64), {int(ids[5]): 4.0})]
+    df = simulate_user_sessions(rec, users, n_turns=4)
+    pop = df[(df.strategy == "popularity") & (df.user_id == 1)]
+    assert pop.item_id.tolist() == ids[1:5].tolist()
+    assert pop.answer.tolist() == ["dislike", "like", "unseen", "unseen"]
+    for strat, g in df.groupby("strategy"):
+        for uid, gu in g.groupby("user_id"):
+            assert gu.item_id.is_unique and ids[0] not in gu[gu.user_id == 1].item_id.tolist()
+    curves = hit_curves(df, n_boot=200)
+    c = curves[curves.strategy == "popularity"].set_index("turn")
+    # user 1 hits at turn 2; user 2 (likes ids[5]) never within 4 popularity turns
+    assert c.hit_rate.tolist() == [0.0, 0.5, 0.5, 0.5]
+    assert c.precision.tolist() == [0.0, 0.5, 0.0, 0.0]
+    assert (c.low <= c.hit_rate).all() and (c.hit_rate <= c.high).all()
+    # the adapted strategy with no feedback equals the unadapted one
+    a = df[(df.strategy == "full loop (adapted)") & (df.user_id == 2)].item_id.tolist()
+    b = df[(df.strategy == "loop without adaptation") & (df.user_id == 2)].item_id.tolist()
+    if not (df[(df.user_id == 2)].answer != "unseen").any():
+        assert a == b
+
+
+def test_simulation_validates():
+    rec = make_rec()
+    with pytest.raises(ValueError):
+        simulate_user_sessions(rec, [], strategies=["oracle"])
+    rec.popularity = None
+    with pytest.raises(ValueError):
+        simulate_user_sessions(rec, [], strategies=["popularity"])
+
+
+def test_popularity_term_is_standardised_log_counts():
+    rec = make_rec(n=12)
+    base = score_items(rec, None, None)
+    rec2 = make_rec(n=12)
+    rec2.popularity_weight = 0.5
+    rec2.__post_init__()
+    lp = np.log1p(rec.popularity.astype(np.float64))
+    z = (lp - lp.mean()) / lp.std()
+    assert np.allclose(score_items(rec2, None, None).numpy() - base.numpy(), 0.5 * z, atol=1e-5)
+    # statement only ignores head and popularity
+    s = rec.embed_statement("Horror")
+    c = (rec.item_emb @ s).numpy().astype(np.float64)
+    expected = rec.prior_weight * (c - c.mean()) / c.std(ddof=1)
+    assert np.allclose(score_items(rec2, None, s, use_head=False).numpy(), expected, atol=1e-5)
+    with pytest.raises(ValueError):
+        make_rec().__class__(rec.item_ids, rec.texts, rec.titles, rec.item_emb, rec.center, rec.head, bow_embed,
+                             popularity_weight=1.0)
