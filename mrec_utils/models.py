@@ -3,8 +3,9 @@
 Sections (each self-contained; chapters import what they need):
 
 - **GPT over item sequences** (chapter 7): items as tokens, a tiny ``transformers`` GPT-2 trained
-  from scratch for next-item prediction, leave-one-out and in-context evaluation helpers, and the
-  popularity and item-to-item co-occurrence baselines it is compared with.
+  for next-item prediction (no pretrained weights; item embeddings optionally warm-started from
+  co-occurrence counts), leave-one-out and in-context evaluation helpers, and the popularity and
+  item-to-item co-occurrence baselines it is compared with.
 - **MeLU-style rating model** (chapter 5): item (and user) attribute embeddings, concatenated,
   then an MLP decision head; :func:`melu_adapt_spec` says what per-user adaptation changes.
 - **Matrix factorisation with fold-in** (chapter 5): biased MF by alternating least squares and
@@ -233,6 +234,7 @@ def make_item_gpt(
     n_head: int = 2,
     dropout: float = 0.2,
     seed: int = 0,
+    item_vectors: Any = None,
 ):
     """A small GPT-2 (``transformers.GPT2LMHeadModel``) whose tokens are items.
 
@@ -246,6 +248,9 @@ def make_item_gpt(
         n_embd, n_layer, n_head: width, depth and attention heads (``n_embd % n_head == 0``).
         dropout: used for embeddings, residual branches and attention weights.
         seed: seeds the initial weights (the global torch RNG is left as it was).
+        item_vectors: optional [n_items, n_embd] initial item embeddings (e.g. from
+            :func:`cooccurrence_embeddings`), rescaled to GPT-2's initial standard deviation
+            (``initializer_range`` = 0.02); ``None`` keeps the random initialisation.
 
     Returns:
         ``GPT2LMHeadModel`` on the CPU (move it with ``.to(device)``).
@@ -276,6 +281,15 @@ def make_item_gpt(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)
+    if item_vectors is not None:
+        v = torch.as_tensor(np.asarray(item_vectors, dtype=np.float32))
+        if v.shape != (n_items, n_embd):
+            raise ValueError(f"item_vectors must have shape [n_items, n_embd] = [{n_items}, {n_embd}], got {tuple(v.shape)}.")
+        if not torch.isfinite(v).all() or float(v.std()) == 0:
+            raise ValueError("item_vectors must be finite and not constant.")
+        v = v - v.mean()
+        with torch.no_grad():
+            model.transformer.wte.weight[1:] = v * (config.initializer_range / v.std())
     return model
 
 
@@ -597,6 +611,37 @@ def cooccurrence_scores(
             raise ValueError(f"popularity must have shape [{n_items}], got {p.shape}.")
         out += 1e-6 * p / max(p.max(), 1e-12)
     return out
+
+
+def cooccurrence_embeddings(counts: Any, dim: int, seed: int = 0) -> np.ndarray:
+    """Item vectors from a low-rank factorisation of the co-occurrence counts (a warm start for the GPT).
+
+    The counts are symmetrised and damped, ``S = log(1 + C + C^T)``, and factorised with a seeded
+    randomised SVD; item i gets ``U[i, :dim] * sqrt(s[:dim])``, so dot products of vectors
+    approximate ``S``: items that often occur near each other get similar vectors. This is the
+    count-based cousin of item2vec / word2vec.
+
+    Args:
+        counts: [n_items, n_items] from :func:`cooccurrence_counts`.
+        dim: vector size (``< n_items``), e.g. the GPT's ``n_embd``.
+        seed: seeds the randomised SVD.
+
+    Returns:
+        float32 array [n_items, dim].
+    """
+    from sklearn.utils.extmath import randomized_svd
+
+    c = np.asarray(counts, dtype=np.float32)
+    if c.ndim != 2 or c.shape[0] != c.shape[1]:
+        raise ValueError(f"counts must be a square [n_items, n_items] matrix, got shape {c.shape}.")
+    if not np.isfinite(c).all() or (c < 0).any():
+        raise ValueError("counts must be finite and non-negative.")
+    dim = _check_pos_int("dim", dim)
+    if dim >= c.shape[0]:
+        raise ValueError(f"dim={dim} must be smaller than n_items={c.shape[0]}.")
+    sym = np.log1p(c + c.T)
+    u, sv, _ = randomized_svd(sym, dim, n_iter=3, random_state=seed)
+    return (u * np.sqrt(sv)).astype(np.float32)
 
 
 def history_mask(histories: Any, n_items: int) -> np.ndarray:

@@ -276,3 +276,35 @@ def test_training_windows_cover_every_transition_once():
     pairs = [(int(w[t]), int(w[t + 1])) for w in wins for t in range(len(w) - 1)]
     expected = [(int(s[t]), int(s[t + 1])) for s in seqs for t in range(len(s) - 1)]
     assert sorted(pairs) == sorted(expected)
+
+
+def test_cooccurrence_embeddings_give_the_best_low_rank_approximation():
+    rng = np.random.default_rng(3)
+    n_items, dim = 30, 5
+    seqs = [rng.integers(0, n_items, size=20) for _ in range(40)]
+    counts = models.cooccurrence_counts(seqs, n_items, window=3)
+    vec = models.cooccurrence_embeddings(counts, dim, seed=0)
+    assert vec.shape == (n_items, dim) and vec.dtype == np.float32
+    sym = np.log1p(counts + counts.T)
+    u, s, _ = np.linalg.svd(sym)
+    exact = (u[:, :dim] * s[:dim]) @ u[:, :dim].T
+    np.testing.assert_allclose(vec @ vec.T, exact, atol=1e-2 * np.abs(exact).max())
+    np.testing.assert_array_equal(vec, models.cooccurrence_embeddings(counts, dim, seed=0))
+    with pytest.raises(ValueError, match="smaller than n_items"):
+        models.cooccurrence_embeddings(counts, n_items)
+    with pytest.raises(ValueError, match="square"):
+        models.cooccurrence_embeddings(counts[:3], 2)
+
+
+def test_make_item_gpt_warm_start_sets_item_embeddings_only():
+    rng = np.random.default_rng(0)
+    vec = rng.normal(size=(12, 16)).astype(np.float32) * 5 + 1
+    cold = models.make_item_gpt(12, max_len=8, n_embd=16, n_head=2, seed=0)
+    warm = models.make_item_gpt(12, max_len=8, n_embd=16, n_head=2, seed=0, item_vectors=vec)
+    w = warm.transformer.wte.weight.detach().numpy()
+    np.testing.assert_array_equal(w[0], cold.transformer.wte.weight.detach().numpy()[0])  # padding row untouched
+    centred = vec - vec.mean()
+    np.testing.assert_allclose(w[1:], centred * (0.02 / centred.std(ddof=1)), rtol=1e-4, atol=1e-7)
+    assert warm.lm_head.weight.data_ptr() == warm.transformer.wte.weight.data_ptr()  # still tied
+    with pytest.raises(ValueError, match="shape"):
+        models.make_item_gpt(12, max_len=8, n_embd=16, n_head=2, item_vectors=vec[:, :8])
