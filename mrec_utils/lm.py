@@ -678,7 +678,9 @@ def embed_texts(
 
     Args:
         texts: ``n`` strings (a list, tuple, pandas Series or 1-D array of str).
-        lm: the model; ``None`` loads the offline default (:func:`load_causal_lm`).
+        lm: the model; ``None`` means the offline default (:func:`load_causal_lm`). With ``None``
+            and every text already in the store, the vectors are read back without loading the
+            model (the store keeps the default's fingerprint next to an identity of its file).
         batch_size: texts per forward pass.
         normalize: L2-normalise each row (then a dot product is the cosine similarity).
         progress: show a progress bar over batches (off when ``MREC_NO_PROGRESS=1``).
@@ -709,10 +711,17 @@ def embed_texts(
     for arg, val in (("batch_size", batch_size), ("max_length", max_length)):
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
             raise ValueError(f"{arg} must be a positive int, got {val!r}.")
+    if lm is not None and not isinstance(lm, LoadedLM):
+        raise TypeError(f"lm must be a LoadedLM or None, got {type(lm).__name__}.")
+    if lm is None and use_cache:
+        # The default model's cache folder is known without loading it (see _default_record):
+        # when every text is already stored, the ~20 s de-quantisation is skipped.
+        served = _serve_default_from_cache(texts, pooling, max_length, layers, normalize, cache_dir)
+        if served is not None:
+            return served
+    loaded_here = lm is None
     if lm is None:
         lm = load_causal_lm()
-    elif not isinstance(lm, LoadedLM):
-        raise TypeError(f"lm must be a LoadedLM or None, got {type(lm).__name__}.")
     model, tok = lm.model, lm.tokenizer
     if layers is not None:
         n_blocks = len(_blocks(model)[2])
@@ -730,10 +739,10 @@ def embed_texts(
     folder: Path | None = None
     found: dict[bytes, np.ndarray] = {}
     if use_cache:
-        model_key = hashlib.sha256(
-            json.dumps([_CACHE_FORMAT, lm_fingerprint(lm), pooling, max_len, layers]).encode()
-        ).hexdigest()[:20]
-        folder = embedding_cache_dir(cache_dir) / f"{_slug(lm.name)}-{model_key}"
+        fingerprint = lm_fingerprint(lm)
+        if loaded_here:
+            _write_default_record(cache_dir, fingerprint, model, hidden, n_ctx)
+        folder = _store_folder(cache_dir, lm.name, fingerprint, pooling, max_len, layers)
         index, vectors, _ = _read_store(folder)
         for k in set(keys):
             if k in index:
@@ -798,11 +807,93 @@ def embed_texts(
         if folder is not None:
             _compact(folder)
 
-    out = np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
+    return _finish_rows([found[k] for k in keys], normalize)
+
+
+def _finish_rows(rows: list[np.ndarray], normalize: bool) -> np.ndarray:
+    """Stack ``n`` vectors into ``float32 [n, hidden]``, L2-normalising rows if asked."""
+    out = np.stack(rows).astype(np.float32, copy=False)
     if normalize:
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         out = out / np.maximum(norms, 1e-12)
     return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _store_folder(cache_dir: str | os.PathLike | None, name: str, fingerprint: str, pooling: str,
+                  max_len: int, layers: int | None) -> Path:
+    """The store folder of one model + settings (see :func:`embed_texts`)."""
+    model_key = hashlib.sha256(json.dumps([_CACHE_FORMAT, fingerprint, pooling, max_len, layers]).encode()).hexdigest()[:20]
+    return embedding_cache_dir(cache_dir) / f"{_slug(name)}-{model_key}"
+
+
+def _default_source_key() -> str | None:
+    """Identity of the installed default model file as ``transformers`` converts it: the GGUF file's
+    size, first and last MiB, and the ``transformers`` version; ``None`` when it is not installed."""
+    path = default_gguf_path()
+    if path is None:
+        return None
+    import transformers
+
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(f"{_GGUF_FILE}|{size}|{transformers.__version__}|float32".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(size - (1 << 20), 0))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+def _default_record_path(cache_dir: str | os.PathLike | None) -> Path:
+    return embedding_cache_dir(cache_dir) / "default-model.json"
+
+
+def _write_default_record(cache_dir: str | os.PathLike | None, fingerprint: str, model: Any, hidden: int,
+                          n_ctx: int | None) -> None:
+    """Remember the default model's fingerprint next to the store, keyed by its file identity.
+    Written only right after :func:`embed_texts` loaded the default itself (never for a model
+    the caller passed in, which may have been modified in place)."""
+    source = _default_source_key()
+    if source is None:
+        return
+    record = {"source": source, "fingerprint": fingerprint, "hidden": hidden, "n_ctx": n_ctx,
+              "n_blocks": len(_blocks(model)[2])}
+    path = _default_record_path(cache_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+
+
+def _serve_default_from_cache(texts: list[str], pooling: str, max_length: int, layers: int | None,
+                              normalize: bool, cache_dir: str | os.PathLike | None) -> np.ndarray | None:
+    """Embeddings of ``texts`` by the default model read from the store without loading the model,
+    or ``None`` (then the caller loads it) when the record is missing/stale, an option is out of
+    range, or any text is not stored yet."""
+    try:
+        record = json.loads(_default_record_path(cache_dir).read_text())
+        fingerprint, hidden, n_ctx, n_blocks = record["fingerprint"], int(record["hidden"]), record["n_ctx"], int(record["n_blocks"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if record.get("source") != _default_source_key():
+        return None
+    if layers is not None:
+        if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= n_blocks:
+            return None  # let the full path raise its clear error
+        if layers == n_blocks:
+            layers = None
+    if not texts:
+        return np.zeros((0, hidden), dtype=np.float32)
+    max_len = min(max_length, int(n_ctx)) if n_ctx else max_length
+    index, vectors, _ = _read_store(_store_folder(cache_dir, DEFAULT_LM, fingerprint, pooling, max_len, layers))
+    rows = []
+    for t in texts:
+        where = index.get(_text_key(t))
+        if where is None:
+            return None
+        rows.append(vectors[where[0]][where[1]])
+    return _finish_rows(rows, normalize)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -486,3 +486,28 @@ def test_default_model_embeddings(default_lm, tmp_path):
     # the two children's-animation texts are closer to each other than either is to the war film
     assert s[0, 1] > s[0, 2] and s[0, 1] > s[1, 2]
     np.testing.assert_array_equal(embed_texts(texts, default_lm, cache_dir=tmp_path, progress=False), e)
+
+
+@needs_default
+def test_default_embeddings_served_from_store_without_loading(default_lm, tmp_path, monkeypatch):
+    texts = ["Toy Story animated children comedy", "Brutal war documentary"]
+    first = embed_texts(texts, None, cache_dir=tmp_path, layers=2, progress=False)  # loads the default, writes the record
+    assert (tmp_path / "default-model.json").is_file()
+    # an explicitly passed default model shares the same store
+    np.testing.assert_array_equal(embed_texts(texts, default_lm, cache_dir=tmp_path, layers=2, progress=False), first)
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded although every text is stored")
+
+    monkeypatch.setattr(L, "load_causal_lm", no_loading)
+    again = embed_texts(texts[::-1] + texts[:1], None, cache_dir=tmp_path, layers=2, progress=False)
+    np.testing.assert_array_equal(again, first[[1, 0, 0]])
+    raw = embed_texts(texts, None, cache_dir=tmp_path, layers=2, normalize=False, progress=False)
+    np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), first, rtol=1e-6)
+    # a text not stored yet, other settings, or a stale record all need the model
+    for kwargs in ({"texts": ["A text never embedded"]}, {"texts": texts, "layers": 3}, {"texts": texts, "pooling": "last"}):
+        with pytest.raises(AssertionError, match="was loaded"):
+            embed_texts(cache_dir=tmp_path, progress=False, **{"layers": 2, **kwargs})
+    monkeypatch.setattr(L, "_default_source_key", lambda: "another file")
+    with pytest.raises(AssertionError, match="was loaded"):
+        embed_texts(texts, None, cache_dir=tmp_path, layers=2, progress=False)
