@@ -6,7 +6,6 @@ tiny random GPT-2 with an in-memory character tokenizer for the LM reason path.
 
 from __future__ import annotations
 
-import string
 import zlib
 
 import numpy as np
@@ -16,6 +15,8 @@ import torch
 
 from mrec_utils import conversation as C
 from mrec_utils import meta
+from tiny_lm import tiny_lm  # tests/tiny_lm.py
+
 from mrec_utils.conversation import (
     ConvRecommender,
     Conversation,
@@ -329,23 +330,7 @@ def test_template_reason_grounded_in_item_text():
 
 
 def _tiny_lm():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    from mrec_utils.lm import LoadedLM
-
-    vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2}
-    for c in string.printable[:95]:
-        vocab.setdefault(c, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
-    tok.padding_side = "left"
-    cfg = GPT2Config(vocab_size=len(vocab), n_positions=1024, n_embd=DIM, n_layer=1, n_head=2,
-                     bos_token_id=2, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    return LoadedLM("tiny", GPT2LMHeadModel(cfg).eval(), tok, torch.device("cpu"))
+    return tiny_lm(n_layer=1, n_embd=DIM, n_positions=1024, padding_side="left")
 
 
 def test_with_a_tiny_lm_end_to_end_is_deterministic():

