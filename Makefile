@@ -9,7 +9,8 @@ PY := $(VENV)/bin/python
 # downloading a multi-GB CUDA build. Elsewhere override it: `make test TORCH_SPEC=torch`.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
-export MPLBACKEND ?= Agg
+# No MPLBACKEND here: a kernel started with MPLBACKEND=Agg stores no figures (plt.show() draws nothing);
+# matplotlib picks the inline backend in kernels and Agg on headless machines by itself.
 # One intra-op thread: the book's networks are tiny, where extra threads cost more than they give
 # (and oversubscribe a 2-core machine). The stored notebook outputs were produced this way, so the
 # checked cells see the same floating-point reduction order under `make test`.

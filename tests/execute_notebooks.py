@@ -51,6 +51,7 @@ def execute(path: Path) -> float:
     nb = nbformat.read(path, as_version=4)
     env_before = os.environ.get("MREC_NO_PROGRESS")
     os.environ["MREC_NO_PROGRESS"] = "1"  # progress bars are for live readers, not stored outputs
+    backend_before = os.environ.pop("MPLBACKEND", None)  # Agg would make plt.show() store no figure
     try:
         client = NotebookClient(
             nb,
@@ -66,6 +67,8 @@ def execute(path: Path) -> float:
             os.environ.pop("MREC_NO_PROGRESS", None)
         else:
             os.environ["MREC_NO_PROGRESS"] = env_before
+        if backend_before is not None:
+            os.environ["MPLBACKEND"] = backend_before
     nb.metadata["mrec"] = {"code_hash": code_hash(nb), "package_hash": package_hash()}
     nbformat.write(nb, path)
     return seconds
