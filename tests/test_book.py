@@ -37,3 +37,97 @@ def test_every_toc_entry_is_rendered(built_book):
     entries = [toc["root"]] + [c["file"] for part in toc["parts"] for c in part["chapters"]]
     missing = [e for e in entries if not (built_book / f"{e}.html").exists()]
     assert not missing, f"not rendered: {missing}"
+
+
+# ---------------------------------------------------------------- book polish (issue 7, section 3)
+import re  # noqa: E402
+
+NOTEBOOK_CHAPTERS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+IMAGE_MIMES = ("image/png", "image/svg+xml")
+
+
+def _rich_outputs(cell) -> list:
+    return [o for o in cell.get("outputs", []) if o.get("output_type") in ("display_data", "execute_result")]
+
+
+def _has_image(cell) -> bool:
+    return any(any(m in o.get("data", {}) for m in IMAGE_MIMES) for o in cell.get("outputs", []))
+
+
+@pytest.mark.parametrize("nb", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_plotting_cells_stored_their_figure(nb):
+    """A cell that calls plt.show() must have stored an image (MPLBACKEND=Agg at execution stores none)."""
+    cells = nbformat.read(nb, as_version=4).cells
+    missing = [i for i, c in enumerate(cells) if c.cell_type == "code" and "plt.show()" in c.source and not _has_image(c)]
+    assert not missing, (f"{nb.name}: cells {missing} call plt.show() but stored no image; re-execute with the inline "
+                         "backend (unset MPLBACKEND)")
+
+
+@pytest.mark.parametrize("nb", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_figure_labels_sit_on_exactly_one_image(nb):
+    """mystnb figure metadata needs exactly one rich output, an image: otherwise the label is lost or duplicated."""
+    cells = nbformat.read(nb, as_version=4).cells
+    for i, c in enumerate(cells):
+        fig = c.get("metadata", {}).get("mystnb", {}).get("figure")
+        if c.cell_type != "code" or not fig:
+            continue
+        assert fig.get("caption", "").strip() and re.match(r"^fig-[a-z0-9-]+$", fig.get("name", "")), (
+            f"{nb.name} cell {i}: a figure needs a caption and a name 'fig-...'")
+        rich = _rich_outputs(c)
+        assert len(rich) == 1 and _has_image(c), (
+            f"{nb.name} cell {i}: figure {fig['name']} must be the cell's only rich output (found {len(rich)})")
+
+
+def _figure_names(nb: Path) -> list[str]:
+    cells = nbformat.read(nb, as_version=4).cells
+    return [c.metadata["mystnb"]["figure"]["name"] for c in cells
+            if c.cell_type == "code" and c.get("metadata", {}).get("mystnb", {}).get("figure")]
+
+
+@pytest.mark.parametrize("nb", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_labelled_figures_are_numbered_in_the_page(built_book, nb):
+    names = _figure_names(nb)
+    text = (built_book / nb.relative_to(ROOT).with_suffix(".html")).read_text(encoding="utf-8")
+    for name in names:
+        assert f'id="{name}"' in text, f"{nb.name}: figure {name} is not in the page"
+    numbers = re.findall(r'<span class="caption-number">Fig\. (\d+) </span>', text)
+    assert len(numbers) == len(names), f"{nb.name}: {len(numbers)} numbered captions for {len(names)} labelled figures"
+
+
+@pytest.mark.parametrize("nb", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_launch_buttons_point_at_the_page_notebook(built_book, nb):
+    config = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8"))
+    repo = config["repository"]["url"].rstrip("/").replace("https://github.com/", "")
+    branch = config["repository"].get("branch", "main")
+    rel = nb.relative_to(ROOT).as_posix()
+    text = (built_book / nb.relative_to(ROOT).with_suffix(".html")).read_text(encoding="utf-8")
+    assert f'href="https://colab.research.google.com/github/{repo}/blob/{branch}/{rel}"' in text, f"{rel}: Colab button"
+    assert f'href="https://mybinder.org/v2/gh/{repo}/{branch}?urlpath=lab/tree/{rel}"' in text, f"{rel}: Binder button"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOK_CHAPTERS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_chapter_has_learning_boxes_and_exercises_with_solutions(nb):
+    md = "\n".join(c.source for c in nbformat.read(nb, as_version=4).cells if c.cell_type == "markdown")
+    assert "{admonition} What you will learn" in md, f"{nb.name}: no 'What you will learn' box"
+    assert "{admonition} What we learned" in md, f"{nb.name}: no 'What we learned' box"
+    assert "## Exercises" in md, f"{nb.name}: no exercises"
+    exercises_part = md.split("## Exercises", 1)[1]
+    questions = re.findall(r"^\d+\. ", exercises_part.split(":::{admonition}", 1)[0], flags=re.M)
+    solutions = re.findall(r"^:{3,4}\{admonition\} Solution (\d+)\n:class: dropdown$", exercises_part, flags=re.M)
+    if nb.stem in {"07_language_models", "08_gpt_meta_recommender", "10_benchmark"} and not solutions:
+        pytest.xfail(f"{nb.name}: solutions not written yet (polish_solutions.py covers chapters 1-6 and 9)")
+    assert [int(s) for s in solutions] == list(range(1, len(questions) + 1)), (
+        f"{nb.name}: {len(questions)} exercises but solution dropdowns {solutions}")
+
+
+def test_glossary_page_defines_terms_and_symbols(built_book):
+    text = (built_book / "book" / "glossary.html").read_text(encoding="utf-8")
+    assert 'id="term-support-set"' in text and 'id="term-meta-gradient"' in text, "glossary terms missing"
+    assert "#equation-eq-ch03-maml-objective" in text, "the symbol table must link to the equations"
+    chapter3 = (built_book / "notebooks" / "03_maml_reptile.html").read_text(encoding="utf-8")
+    assert 'glossary.html#term-meta-batch' in chapter3, "chapter 3 must link a glossary term"
+
+
+def test_search_page_and_index_exist(built_book):
+    assert (built_book / "search.html").exists() and (built_book / "searchindex.js").exists()
+    assert "glossary" in (built_book / "searchindex.js").read_text(encoding="utf-8").lower()
