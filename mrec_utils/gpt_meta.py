@@ -54,6 +54,12 @@ __all__ = [
     "train_global_head",
     "adapt_and_score",
     "meta_train_head",
+    "ResidualUserHead",
+    "meta_train_residual",
+    "pairwise_query_loss",
+    "user_folds",
+    "kfold_like_auc",
+    "paired_summary",
     "train_protonet",
     "protonet_scores",
     "logreg_scratch",
@@ -377,10 +383,13 @@ def _loss_for(target: str) -> Callable[[Tensor, Tensor], Tensor]:
 
 @dataclass
 class HeadLog:
-    """What a head training loop did: ``losses`` (one per logged step), ``seconds``."""
+    """What a head training loop did: ``losses`` (one per logged step), ``seconds``, and (with a
+    validation set) ``checkpoints``: ``(step, validation AUC)`` pairs and ``best_step``, the step kept."""
 
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    checkpoints: list[tuple[int, float]] = field(default_factory=list)
+    best_step: int | None = None
 
 
 def train_global_head(
@@ -433,6 +442,7 @@ def adapt_and_score(
     steps: int = 0,
     inner_lr: float = 0.1,
     target: str = "like",
+    lrs: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """Adapt ``model`` to every task's support set (``steps`` SGD steps, vmap over tasks) and
     return the query predictions.
@@ -440,6 +450,8 @@ def adapt_and_score(
     Args:
         adapt: which parameters the per-user steps change (``split_params`` spec: "all", ["head"]).
         steps: 0 = no adaptation (the model as it is).
+        lrs: Meta-SGD step sizes ``{name: tensor}`` for the adapted parameters (e.g. from
+            :func:`meta_train_residual`); the step is then ``theta - lrs * grad`` and ``inner_lr`` is ignored.
 
     Returns:
         [T, Q] query logits (``target="like"``) or predicted ratings, detached.
@@ -455,8 +467,11 @@ def adapt_and_score(
         with torch.no_grad():
             return model(tb.x_query)
 
+    lrs = None if lrs is None else {k: v.detach() for k, v in lrs.items()}
+
     def one(xs, ys, ms, xq):
-        p = _meta.inner_adapt(model, params, frozen, xs, ys, ms, loss_fn=loss_fn, steps=steps, inner_lr=inner_lr, first_order=True)
+        p = _meta.inner_adapt(model, params, frozen, xs, ys, ms, loss_fn=loss_fn, steps=steps,
+                              inner_lr=None if lrs is not None else inner_lr, lrs=lrs, first_order=True)
         return _meta.functional_forward(model, p, frozen, xq)
 
     with torch.no_grad():
@@ -516,6 +531,194 @@ def meta_train_head(
     model.eval()
     log.seconds = time.perf_counter() - t0
     return log
+
+
+class ResidualUserHead(nn.Module):
+    """A frozen global head plus a per-user linear term on the item features.
+
+    ``score(x) = base(x) + x . user_w + user_b`` for item features ``x`` [..., D]. ``base`` (a copy
+    of a trained :class:`UserHead`) never changes: its parameters are frozen
+    (``requires_grad=False``) and are not adapted. The per-user part is :attr:`ADAPT`: the vector
+    ``user_w`` [D] and the offset ``user_b`` []. The offset cannot change a user's ranking (AUC is
+    invariant to it), but it absorbs how often the user likes anything, so that ``user_w`` is free
+    to learn *which* films they like. Their initial values and one inner step size per number are
+    meta-learned (Meta-SGD, :func:`meta_train_residual`), and a new user's support ratings move
+    them by a few SGD steps. At zero the scores are exactly the global head's.
+    """
+
+    ADAPT: tuple[str, ...] = ("user_w", "user_b")
+    """Names of the per-user parameters (the ``adapt=`` spec of :func:`adapt_and_score`)."""
+
+    def __init__(self, base: UserHead):
+        super().__init__()
+        if not isinstance(base, UserHead):
+            raise TypeError(f"base must be a trained UserHead, got {type(base).__name__}.")
+        import copy
+
+        self.base = copy.deepcopy(base)
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.d_in = base.d_in
+        dev = _device_of(base)
+        self.user_w = nn.Parameter(torch.zeros(base.d_in, device=dev))
+        self.user_b = nn.Parameter(torch.zeros((), device=dev))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[..., D] item features -> [...] scores (like-logits)."""
+        if x.shape[-1] != self.d_in:
+            raise ValueError(f"x must end with the feature size {self.d_in}, got shape {tuple(x.shape)}.")
+        return self.base(x) + x @ self.user_w + self.user_b
+
+
+def pairwise_query_loss(scores: Tensor, y: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean logistic pairwise loss of one task's query: ``mean softplus(s_dislike - s_like)`` over
+    all (liked, disliked) pairs of real items (a smooth surrogate of ``1 - AUC``).
+
+    Like the AUC it is invariant to adding a constant to all of the user's scores, so a meta-learner
+    trained on it is rewarded only for changing the user's *ranking*.
+
+    Args:
+        scores, y, mask: [Q] scores, 0/1 labels, bool mask (or [T, Q] batches: the result is then [T]).
+
+    Returns:
+        ``(loss, has_pairs)``: the loss (0 where there is no pair) and whether the task had a pair.
+    """
+    if not (scores.shape == y.shape == mask.shape):
+        raise ValueError(f"scores, y and mask must have the same shape, got {tuple(scores.shape)}, {tuple(y.shape)}, {tuple(mask.shape)}.")
+    m = mask.to(scores.dtype)
+    pos, neg = y * m, (1 - y) * m
+    diff = scores.unsqueeze(-2) - scores.unsqueeze(-1)  # [..., i, j] = s_j - s_i
+    w = pos.unsqueeze(-1) * neg.unsqueeze(-2)  # i liked, j disliked
+    n = w.sum((-1, -2))
+    loss = (F.softplus(diff) * w).sum((-1, -2)) / n.clamp_min(1)
+    return loss, n > 0
+
+
+def _residual_outer_loss(model: nn.Module, params: dict[str, Tensor], frozen: dict[str, Tensor], lrs: dict[str, Tensor],
+                         b: _meta.TaskBatch, steps: int, first_order: bool) -> Tensor:
+    """Pairwise query loss after Meta-SGD inner steps on the support BCE, averaged over tasks (vmap)."""
+
+    def one(xs, ys, ms, xq, yq, mq):
+        p = _meta.inner_adapt(model, params, frozen, xs, ys, ms, loss_fn=_meta.bce_loss_per_example, steps=steps,
+                              lrs=lrs, first_order=first_order)
+        return pairwise_query_loss(_meta.functional_forward(model, p, frozen, xq), yq, mq)
+
+    loss, ok = torch.func.vmap(one)(b.x_support, b.y_support, b.mask_support, b.x_query, b.y_query, b.mask_query)
+    return (loss * ok).sum() / ok.sum().clamp_min(1)
+
+
+def _mean_val_auc(model: nn.Module, val: Sequence[LikeTasks], adapt: Any, steps: int, lrs: dict[str, Tensor]) -> float:
+    return float(np.mean([np.nanmean(evaluate_like(adapt_and_score(model, t, adapt=adapt, steps=steps, lrs=lrs), t).auc) for t in val]))
+
+
+def meta_train_residual(
+    model: ResidualUserHead,
+    pools: Sequence[tuple[np.ndarray, np.ndarray]],
+    features: Tensor,
+    *,
+    meta_steps: int = 300,
+    n_tasks: int = 32,
+    k_choices: Sequence[int] = (4, 8, 16, 32),
+    n_query: int = 16,
+    inner_steps: int = 3,
+    init_lr: float = 0.01,
+    outer_lr: float = 3e-3,
+    first_order: bool = False,
+    learn_init: bool = True,
+    per_coordinate: bool = True,
+    outer_loss: str = "bce",
+    val_tasks: LikeTasks | Sequence[LikeTasks] | None = None,
+    eval_every: int = 100,
+    seed: int = 0,
+) -> tuple[HeadLog, dict[str, Tensor]]:
+    """Meta-SGD (Li et al. 2017) for the per-user term of a :class:`ResidualUserHead`, in place.
+
+    The meta-parameters are the initial per-user part ``u0 = (user_w, user_b)`` [D + 1] and the
+    inner step sizes ``alpha`` (one per number, started at ``init_lr``); the inner loop is
+    ``u <- u - alpha * grad_u L_support(u)`` for ``inner_steps`` steps, the outer loss the query
+    BCE after adaptation (second order unless ``first_order``), minimised with Adam (``outer_lr``)
+    over meta-batches of training tasks that mix the support sizes ``k_choices``. The global head
+    inside ``model`` is not trained. With ``learn_init=False`` the initial vector stays at its
+    current value (zero for a fresh head: the unadapted scores are then exactly the global head's)
+    and only the step sizes are meta-learned. With ``per_coordinate=False`` there is one step size
+    per parameter tensor (two numbers: one for ``user_w``, one for ``user_b``) instead of one per
+    number, far fewer meta-parameters to estimate from noisy tasks. ``outer_loss="pairwise"``
+    replaces the query BCE by :func:`pairwise_query_loss` (the inner loop stays BCE): the BCE
+    also rewards getting each user's like *rate* right, the pairwise loss only their ranking,
+    which is what the query AUC measures.
+
+    With ``val_tasks`` (validation users only), the mean query AUC after adaptation is measured
+    every ``eval_every`` steps and the best checkpoint (``u0`` and ``alpha``) is restored at the
+    end (early stopping); ``log.checkpoints`` and ``log.best_step`` record it. Without, the last
+    state is kept.
+
+    Returns:
+        ``(log, lrs)`` with ``lrs = {"user_w": [D] (or [] ), "user_b": []}`` (detached) for
+        :func:`adapt_and_score` (``adapt=list(ResidualUserHead.ADAPT)``, ``steps=inner_steps``, ``lrs=lrs``).
+    """
+    if not isinstance(model, ResidualUserHead):
+        raise TypeError(f"model must be a ResidualUserHead, got {type(model).__name__}.")
+    meta_steps = _pos_int("meta_steps", meta_steps)
+    inner_steps = _pos_int("inner_steps", inner_steps)
+    eval_every = _pos_int("eval_every", eval_every)
+    if outer_loss not in ("bce", "pairwise"):
+        raise ValueError(f"outer_loss must be 'bce' or 'pairwise', got {outer_loss!r}.")
+    outer_lr = _pos_float("outer_lr", outer_lr)
+    init_lr = _pos_float("init_lr", init_lr)
+    val = [val_tasks] if isinstance(val_tasks, LikeTasks) else (None if val_tasks is None else list(val_tasks))
+    if val is not None and (not val or not all(isinstance(t, LikeTasks) for t in val)):
+        raise TypeError("val_tasks must be a LikeTasks, a non-empty list of LikeTasks, or None.")
+    rng = np.random.default_rng(seed)
+    adapt = list(ResidualUserHead.ADAPT)
+    params, frozen = _meta.split_params(model, adapt)
+    lrs = _meta.init_meta_sgd_lrs(params, init_lr)
+    if not per_coordinate:
+        lrs = {k: v[(0,) * v.ndim].detach().clone().requires_grad_(True) for k, v in lrs.items()}  # 0-dim
+    opt = torch.optim.Adam([*(params.values() if learn_init else []), *lrs.values()], lr=outer_lr)
+    log = HeadLog()
+    best: tuple[float, int, dict[str, Tensor]] | None = None
+    t0 = time.perf_counter()
+    for step in range(1, meta_steps + 1):
+        b = sample_like_batch(pools, features, n_tasks, k_choices, n_query, rng)
+        if outer_loss == "bce":
+            loss = _meta.meta_step(model, params, frozen, b, opt, loss_fn=_meta.bce_loss_per_example, steps=inner_steps,
+                                   lrs=lrs, first_order=bool(first_order))
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss = _residual_outer_loss(model, params, frozen, lrs, b, inner_steps, bool(first_order))
+            loss.backward()
+            opt.step()
+        log.losses.append(float(loss.detach()))
+        if val is not None and (step % eval_every == 0 or step == meta_steps):
+            auc = _mean_val_auc(model, val, adapt, inner_steps, lrs)
+            log.checkpoints.append((step, auc))
+            if best is None or auc > best[0]:
+                best = (auc, step, {**{k: v.detach().clone() for k, v in params.items()},
+                                    **{"lr:" + k: v.detach().clone() for k, v in lrs.items()}})
+    if best is not None:
+        with torch.no_grad():
+            for k in params:
+                params[k].copy_(best[2][k])
+                lrs[k].copy_(best[2]["lr:" + k])
+        log.best_step = best[1]
+    log.seconds = time.perf_counter() - t0
+    return log, {k: v.detach() for k, v in lrs.items()}
+
+
+def user_folds(users: Any, n_folds: int = 5, seed: int = 0) -> list[np.ndarray]:
+    """Partition user ids at random (seeded) into ``n_folds`` folds of (almost) equal size.
+
+    For K-fold evaluation over users: each fold is a set of test users once, the methods being
+    trained on the users of the other folds. Returns sorted id arrays; sizes differ by at most one.
+    """
+    u = np.unique(np.asarray(users))
+    if u.ndim != 1 or u.size == 0 or not np.issubdtype(u.dtype, np.integer):
+        raise ValueError("users must be a non-empty 1-D array of integer user ids.")
+    n_folds = _pos_int("n_folds", n_folds, low=2)
+    if n_folds > u.size:
+        raise ValueError(f"n_folds={n_folds} exceeds the number of users ({u.size}).")
+    perm = np.random.default_rng(seed).permutation(u)
+    return [np.sort(f) for f in np.array_split(perm, n_folds)]
 
 
 def _proto_scores(model: UserHead, xs: Tensor, ys: Tensor, ms: Tensor, xq: Tensor) -> Tensor:
@@ -1259,10 +1462,132 @@ def new_item_metrics(events: ItemEvents, new_emb: Tensor, k: int = 10, warm_tabl
 
 
 # ==============================================================================================
+# K-fold over users: every user a test user once (more users -> narrower paired intervals)
+# ==============================================================================================
+
+Scorer = Callable[[LikeTasks], Tensor]
+"""A fitted method: tasks -> [T, Q] query scores."""
+
+
+def kfold_like_auc(
+    ratings: pd.DataFrame,
+    features: Any,
+    item_ids: Any,
+    fit: Callable[[list[tuple[np.ndarray, np.ndarray]], Tensor], dict[str, Scorer]],
+    *,
+    ks: Sequence[int] = (16,),
+    n_folds: int = 5,
+    n_episodes: int = 3,
+    exclude_users: Any = None,
+    min_query: int = 10,
+    seed: int = 0,
+    device: Any = None,
+) -> pd.DataFrame:
+    """K-fold evaluation over users of like/dislike heads: the same folds and episodes for every method.
+
+    The users in ``ratings`` (minus ``exclude_users``, e.g. the validation users, who are neither
+    trained on nor tested) are split into ``n_folds`` folds (:func:`user_folds`). For each fold,
+    ``fit(pools, features)`` trains every method on the *other* folds' ratings
+    (:func:`rating_pools`) and returns ``{name: scorer}``; then each test user with at least
+    ``k + min_query`` ratings gets ``n_episodes`` episodes (support: k random ratings, query: all
+    the others; :func:`mrec_utils.tasks.make_episodes` with seeds ``seed .. seed + n_episodes - 1``)
+    and their query AUC and nDCG@10 are averaged over the episodes.
+
+    Args:
+        ratings: ratings of the items to use (``user_id``, ``item_id``, ``rating``, ``timestamp``).
+        features: [n_items, D] item features; item_ids: [n_items] their item ids.
+        fit: trains the methods of one fold (called ``n_folds`` times).
+
+    Returns:
+        DataFrame, one row per (method, k, user): ``method``, ``k``, ``fold``, ``user_id``, ``auc``
+        (NaN when every episode's query has one class), ``ndcg@10``.
+    """
+    import warnings
+
+    from . import tasks as _tasks
+
+    if not isinstance(ratings, pd.DataFrame) or not {"user_id", "item_id", "rating"} <= set(ratings.columns):
+        raise TypeError("ratings must be a DataFrame with user_id, item_id, rating (and timestamp).")
+    if not callable(fit):
+        raise TypeError("fit must be a callable (pools, features) -> {name: scorer}.")
+    feats = _as_matrix(features, "features").astype(np.float32)
+    ids = np.asarray(item_ids, dtype=np.int64)
+    if len(ids) != len(feats):
+        raise ValueError(f"item_ids has {len(ids)} entries but features has {len(feats)} rows.")
+    ks = tuple(_pos_int("k", k) for k in ks)
+    if not ks:
+        raise ValueError("ks is empty.")
+    n_episodes = _pos_int("n_episodes", n_episodes)
+    min_query = _pos_int("min_query", min_query)
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    ratings = ratings[ratings.item_id.isin(ids)]
+    excluded = np.asarray([] if exclude_users is None else exclude_users, dtype=np.int64)
+    folds = user_folds(np.setdiff1d(ratings.user_id.unique(), excluded), n_folds, seed=seed)
+    feat_t = torch.as_tensor(feats, device=dev)
+    rows = []
+    for f, test_users in enumerate(folds):
+        pools = rating_pools(ratings[~ratings.user_id.isin(np.concatenate([test_users, excluded]))], ids)
+        scorers = fit(pools, feat_t)
+        if not isinstance(scorers, dict) or not scorers or not all(callable(v) for v in scorers.values()):
+            raise TypeError("fit must return a non-empty dict {name: scorer(tasks) -> scores}.")
+        for k in ks:
+            eps = [_tasks.make_episodes(ratings, test_users, k_support=k, n_query=None, seed=seed + e, on_short="skip",
+                                        min_ratings=k + min_query) for e in range(n_episodes)]
+            if not eps[0]:
+                continue
+            lts = [like_tasks(ep, feats, ids, device=dev) for ep in eps]
+            for name, scorer in scorers.items():
+                per = [evaluate_like(scorer(t), t) for t in lts]
+                with warnings.catch_warnings():  # a user who likes (or dislikes) every query film has no AUC
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    auc = np.nanmean(np.stack([p.auc.to_numpy(dtype=float) for p in per]), axis=0)
+                nd = np.mean(np.stack([p["ndcg@10"].to_numpy(dtype=float) for p in per]), axis=0)
+                rows.append(pd.DataFrame({"method": name, "k": k, "fold": f, "user_id": lts[0].users, "auc": auc, "ndcg@10": nd}))
+    if not rows:
+        raise ValueError(f"no test user has k + {min_query} ratings for any k in {ks}.")
+    return pd.concat(rows, ignore_index=True)
+
+
+def paired_summary(per_user: pd.DataFrame, reference: str, metric: str = "auc", seed: int = 0) -> pd.DataFrame:
+    """Mean ``metric`` per (method, k) and the paired bootstrap difference to ``reference`` on the same users.
+
+    Args:
+        per_user: rows ``method``, ``k``, ``user_id``, ``metric`` (e.g. :func:`kfold_like_auc`).
+        reference: the method every other is compared with (e.g. the global head).
+
+    Returns:
+        DataFrame indexed by (method, k) with ``users`` (both values defined; for the reference row:
+        its own defined values), ``metric`` (mean over those users), and for
+        the other methods ``<metric> - reference``, ``95% low``, ``95% high``, ``beats reference``,
+        ``worse than reference`` (the interval above / below zero).
+    """
+    need = {"method", "k", "user_id", metric}
+    if not isinstance(per_user, pd.DataFrame) or not need <= set(per_user.columns):
+        raise TypeError(f"per_user must be a DataFrame with columns {sorted(need)}.")
+    if reference not in set(per_user.method):
+        raise ValueError(f"reference {reference!r} is not a method of per_user ({sorted(set(per_user.method))}).")
+    wide = per_user.pivot_table(index=["k", "user_id"], columns="method", values=metric, dropna=False)
+    methods = [reference, *[m for m in dict.fromkeys(per_user.method) if m != reference]]
+    rows = []
+    for k, g in wide.groupby(level="k", sort=True):
+        ref = g[reference].to_numpy(dtype=float)
+        for m in methods:
+            a = g[m].to_numpy(dtype=float)
+            ok = ~np.isnan(a) & ~np.isnan(ref)
+            row: dict[str, Any] = {"method": m, "k": k, "users": int(ok.sum()), metric: float(a[ok].mean()) if ok.any() else np.nan}
+            if m != reference and ok.sum() >= 2:
+                d = _metrics.paired_bootstrap_ci(a[ok], ref[ok], seed=seed)
+                row.update({f"{metric} - {reference}": d.estimate, "95% low": d.low, "95% high": d.high,
+                            f"beats {reference}": bool(d.low > 0), f"worse than {reference}": bool(d.high < 0)})
+            rows.append(row)
+    return pd.DataFrame(rows).set_index(["method", "k"])
+
+
+# ==============================================================================================
 # Runner: part 1 as one function (``python -m mrec_utils.benchmark gpt-meta``)
 # ==============================================================================================
 
-HEAD_METHODS: tuple[str, ...] = ("global", "logreg", "finetune", "maml", "fomaml", "anil", "reptile", "proto")
+HEAD_METHODS: tuple[str, ...] = ("global", "logreg", "finetune", "maml", "fomaml", "anil", "reptile", "proto", "residual")
 """Method names of :func:`head_benchmark`, in the order of chapter 8's tables."""
 
 
@@ -1276,6 +1601,7 @@ def head_benchmark(
     new_frac: float = 0.2,
     min_item_count: int = 25,
     meta_steps: int = 200,
+    n_folds: int = 0,
     seed: int = 0,
     device: Any = None,
 ) -> pd.DataFrame:
@@ -1285,7 +1611,15 @@ def head_benchmark(
     with at least ``min_item_count`` training ratings that have a feature row; a ``new_frac`` share of it
     (seeded) is held out as new films (used only as query items of the ``"new films"`` setting, support
     = 16 warm ratings). Settings and choices are those of the chapter (validation users pick the
-    logistic-regression penalty and the fine-tuning steps; meta-learners start from the global head).
+    logistic-regression penalty and the fine-tuning steps, and for ``"residual"`` (:class:`ResidualUserHead`,
+    Meta-SGD with the pairwise meta-objective) whether its start is meta-learned and when to stop, on
+    three episodes per validation user; meta-learners start from the global head).
+
+    With ``n_folds >= 2`` the methods are also evaluated as in the chapter's K-fold section
+    (:func:`kfold_like_auc`: every non-validation user with enough ratings of warm films is a test
+    user once, 3 episodes each, every method retrained per fold with the choices above; the
+    residual head still stops by the validation AUC); those rows have ``evaluation`` =
+    ``"<n>-fold"``, the split's rows ``"split"``.
 
     Args:
         ratings: MovieLens ratings (``load_movielens().ratings``).
@@ -1295,7 +1629,9 @@ def head_benchmark(
     Returns:
         DataFrame, one row per (method, setting): ``method``, ``k`` (an int, or ``"new films"``),
         ``users``, ``auc``, ``auc_low``, ``auc_high``, ``ndcg@10``, ``auc_minus_global`` with its paired
-        interval ``diff_low``/``diff_high``, ``ms_per_user`` (adaptation + scoring) and ``fit_seconds``.
+        interval ``diff_low``/``diff_high``, ``ms_per_user`` (adaptation + scoring), ``fit_seconds`` and
+        ``evaluation``. K-fold rows have no timing (NaN) and their ``auc_low``/``auc_high`` are a
+        bootstrap over their users.
     """
     import copy
 
@@ -1309,6 +1645,9 @@ def head_benchmark(
     if len(ids) != len(feats):
         raise ValueError(f"item_ids has {len(ids)} entries but features has {len(feats)} rows.")
     ks = tuple(_pos_int("k", k) for k in ks)
+    n_folds = _pos_int("n_folds", n_folds, low=0)
+    if n_folds == 1:
+        raise ValueError("n_folds must be 0 (no K-fold evaluation) or >= 2.")
     if not 0 <= float(new_frac) < 1:
         raise ValueError(f"new_frac must be in [0, 1), got {new_frac!r}.")
     dev = torch.device("cpu") if device is None else torch.device(device)
@@ -1326,10 +1665,10 @@ def head_benchmark(
     feat_t = torch.as_tensor(cat_feats, device=dev)
     pools = rating_pools(split.train[split.train.item_id.isin(warm_ids)], catalogue)
 
-    def episodes_of(frame: pd.DataFrame, users: np.ndarray, k: int, query_pool: Any = None) -> list:
+    def episodes_of(frame: pd.DataFrame, users: np.ndarray, k: int, query_pool: Any = None, ep_seed: int = seed) -> list:
         frame = frame[frame.item_id.isin(catalogue if query_pool is not None else warm_ids)]
         users = np.intersect1d(users, frame.user_id.unique())
-        return _tasks.make_episodes(frame, users, k_support=k, n_query=None, seed=seed, on_short="skip",
+        return _tasks.make_episodes(frame, users, k_support=k, n_query=None, seed=ep_seed, on_short="skip",
                                     min_ratings=None if query_pool is not None else k + 10, query_pool=query_pool)
 
     settings: dict[Any, LikeTasks] = {k: like_tasks(episodes_of(split.test, split.test_users, k), cat_feats, catalogue, device=dev) for k in ks}
@@ -1346,24 +1685,56 @@ def head_benchmark(
     l2 = max([1.0, 3.0, 10.0, 30.0], key=lambda v: val_auc(logreg_scratch(val, l2=v)))
     ft_steps, ft_lr = max([(3, 0.1), (10, 0.1), (3, 0.3)], key=lambda s: val_auc(adapt_and_score(glob, val, steps=s[0], inner_lr=s[1])))
     meta_kw = dict(meta_steps=meta_steps, inner_steps=3, inner_lr=0.1, outer_lr=1e-3, seed=seed)
-    fns: dict[str, Callable[[LikeTasks], Tensor]] = {
-        "global": lambda t: adapt_and_score(glob, t, steps=0),
-        "logreg": lambda t: logreg_scratch(t, l2=l2),
-        "finetune": lambda t: adapt_and_score(glob, t, steps=ft_steps, inner_lr=ft_lr),
-    }
-    for m in ("maml", "fomaml", "anil", "reptile"):
-        if m in methods:
-            t0 = time.perf_counter()
-            h = copy.deepcopy(glob)
-            meta_train_head(h, pools, feat_t, m, **meta_kw)
-            fit[m] = time.perf_counter() - t0
-            fns[m] = (lambda h_, a_: lambda t: adapt_and_score(h_, t, adapt=a_, steps=3, inner_lr=0.1))(h, ["head"] if m == "anil" else "all")
-    if "proto" in methods:
+    res_kw = dict(meta_steps=300, inner_steps=3, init_lr=0.01, outer_lr=3e-3, outer_loss="pairwise", eval_every=100, seed=seed)
+    val_multi = [val] + [like_tasks(episodes_of(split.val, split.val_users, 16, ep_seed=seed + e), cat_feats, catalogue, device=dev)
+                         for e in (1, 2)]
+    res_attrs: dict[str, Any] = {}
+    if "residual" in methods:  # validation users choose a meta-learned or a zero start
         t0 = time.perf_counter()
-        proto = UserHead(cat_feats.shape[1], d_proj=32, seed=seed).to(dev)
-        train_protonet(proto, pools, feat_t, steps=300, seed=seed)
-        fit["proto"] = time.perf_counter() - t0
-        fns["proto"] = lambda t: protonet_scores(proto, t)
+        cands = {}
+        for learn_init in (True, False):
+            rh = ResidualUserHead(glob)
+            rlog, _ = meta_train_residual(rh, pools, feat_t, learn_init=learn_init, val_tasks=val_multi, **res_kw)
+            cands[learn_init] = (max(a for _, a in rlog.checkpoints), rlog.best_step)
+        res_kw["learn_init"] = max(cands, key=lambda v: cands[v][0])
+        res_attrs = {**res_kw, "best_step": cands[res_kw["learn_init"]][1]}
+        fit["residual (choice)"] = time.perf_counter() - t0
+
+    def build(pools_: list, feats_: Tensor, glob_: UserHead | None, timed: dict[str, float]) -> dict[str, Callable[[LikeTasks], Tensor]]:
+        """Train the requested methods on ``pools_`` with the choices above; {name: scorer}."""
+        if glob_ is None:
+            t0 = time.perf_counter()
+            glob_ = UserHead(feats_.shape[1], d_proj=32, seed=seed).to(dev)
+            train_global_head(glob_, pools_, feats_, steps=300, seed=seed)
+            timed["global"] = time.perf_counter() - t0
+        g_ = glob_
+        out_fns: dict[str, Callable[[LikeTasks], Tensor]] = {
+            "global": lambda t: adapt_and_score(g_, t, steps=0),
+            "logreg": lambda t: logreg_scratch(t, l2=l2),
+            "finetune": lambda t: adapt_and_score(g_, t, steps=ft_steps, inner_lr=ft_lr),
+        }
+        for m in ("maml", "fomaml", "anil", "reptile"):
+            if m in methods:
+                t0 = time.perf_counter()
+                h = copy.deepcopy(g_)
+                meta_train_head(h, pools_, feats_, m, **meta_kw)
+                timed[m] = time.perf_counter() - t0
+                out_fns[m] = (lambda h_, a_: lambda t: adapt_and_score(h_, t, adapt=a_, steps=3, inner_lr=0.1))(h, ["head"] if m == "anil" else "all")
+        if "residual" in methods:
+            t0 = time.perf_counter()
+            rh = ResidualUserHead(g_)
+            _, rlrs = meta_train_residual(rh, pools_, feats_, val_tasks=val_multi, **res_kw)
+            timed["residual"] = time.perf_counter() - t0
+            out_fns["residual"] = lambda t: adapt_and_score(rh, t, adapt=list(ResidualUserHead.ADAPT), steps=3, lrs=rlrs)
+        if "proto" in methods:
+            t0 = time.perf_counter()
+            proto = UserHead(feats_.shape[1], d_proj=32, seed=seed).to(dev)
+            train_protonet(proto, pools_, feats_, steps=300, seed=seed)
+            timed["proto"] = time.perf_counter() - t0
+            out_fns["proto"] = lambda t: protonet_scores(proto, t)
+        return {m: out_fns[m] for m in ["global", *[m for m in methods if m != "global"]]}
+
+    fns = build(pools, feat_t, glob, fit)
 
     per: dict[tuple[str, Any], pd.DataFrame] = {}
     secs: dict[tuple[str, Any], float] = {}
@@ -1390,7 +1761,22 @@ def head_benchmark(
             else:
                 row.update(auc_minus_global=0.0, diff_low=0.0, diff_high=0.0)
             rows.append(row)
-    out = pd.DataFrame(rows)
+    out = pd.DataFrame(rows).assign(evaluation="split")
+    if n_folds:
+        warm_ratings = ratings[ratings.item_id.isin(warm_ids)]
+        kf = kfold_like_auc(warm_ratings, cat_feats, catalogue, lambda p_, f_: build(p_, f_, None, {}), ks=ks, n_folds=n_folds,
+                            n_episodes=3, exclude_users=split.val_users, seed=seed, device=dev)
+        summ = paired_summary(kf, reference="global", seed=seed)
+        kf_rows = []
+        for (name, k), r in summ.iterrows():
+            a = kf[(kf.method == name) & (kf.k == k)].auc.dropna().to_numpy()
+            ci = _metrics.bootstrap_ci(a, seed=seed)
+            kf_rows.append({"method": name, "k": k, "users": int(r["users"]), "auc": r["auc"], "auc_low": ci.low, "auc_high": ci.high,
+                            "ndcg@10": float(kf[(kf.method == name) & (kf.k == k)]["ndcg@10"].mean()), "ms_per_user": np.nan,
+                            "fit_seconds": np.nan, "auc_minus_global": 0.0 if name == "global" else r["auc - global"],
+                            "diff_low": 0.0 if name == "global" else r["95% low"], "diff_high": 0.0 if name == "global" else r["95% high"],
+                            "evaluation": f"{n_folds}-fold"})
+        out = pd.concat([out, pd.DataFrame(kf_rows)], ignore_index=True)
     out.attrs = {"split": repr(split), "catalogue": int(len(catalogue)), "new_items": int(len(new_ids)),
-                 "logreg_l2": l2, "finetune": [ft_steps, ft_lr], "meta": meta_kw}
+                 "logreg_l2": l2, "finetune": [ft_steps, ft_lr], "meta": meta_kw, "residual": res_attrs, "n_folds": n_folds}
     return out

@@ -369,3 +369,242 @@ def test_gpt_meta_cli_and_runner_validate_input():
         gm.head_benchmark(df, feats, ids, methods=["gpt5"])
     with pytest.raises(ValueError, match="rows"):
         gm.head_benchmark(df, feats, ids[:3])
+
+
+# ----------------------------------------------------------------------------- residual head (Meta-SGD)
+
+
+def _pools(feats, ids, n_users=6, n_items=12, seed=0):
+    df = pd.DataFrame({"user_id": np.repeat(np.arange(n_users), n_items), "item_id": np.tile(ids[:n_items], n_users),
+                       "rating": np.random.default_rng(seed).choice([1.0, 5.0], size=n_users * n_items)})
+    return gm.rating_pools(df, ids)
+
+
+def test_residual_head_is_global_plus_linear_term_and_validates():
+    feats, ids = _features()
+    base = gm.UserHead(8, d_proj=5, seed=1)
+    res = gm.ResidualUserHead(base)
+    x = torch.from_numpy(feats[:7])
+    torch.testing.assert_close(res(x), base(x))  # user = 0: exactly the global head
+    with torch.no_grad():
+        res.user_w.copy_(torch.arange(8.0) / 10)
+    torch.testing.assert_close(res(x), base(x) + x @ (torch.arange(8.0) / 10))
+    assert all(not p.requires_grad for p in res.base.parameters())
+    assert [n for n, p in res.named_parameters() if p.requires_grad] == ["user_w", "user_b"]
+    with pytest.raises(TypeError, match="UserHead"):
+        gm.ResidualUserHead(torch.nn.Linear(8, 1))
+    with pytest.raises(ValueError, match="feature size"):
+        res(torch.zeros(3, 5))
+
+
+def test_adapt_and_score_with_meta_sgd_rates_matches_the_closed_form_gradient():
+    feats, ids = _features()
+    t = gm.like_tasks(_episodes(3), feats, ids)
+    res = gm.ResidualUserHead(gm.UserHead(8, d_proj=5, seed=2))
+    alpha, beta = torch.linspace(0.1, 0.8, 8), torch.tensor(0.3)
+    adapt = list(gm.ResidualUserHead.ADAPT)
+    got = gm.adapt_and_score(res, t, adapt=adapt, steps=2, lrs={"user_w": alpha, "user_b": beta})
+    for i in range(3):
+        x, y, xq = t.x_support[i], t.y_support[i], t.x_query[i]
+        g0 = res.base(x).detach()
+        u, c = torch.zeros(8), torch.tensor(0.0)
+        for _ in range(2):  # BCE mean over the support: grad_u = X^T (sigmoid(s) - y) / n, grad_b = mean(sigmoid(s) - y)
+            r = torch.sigmoid(g0 + x @ u + c) - y
+            u, c = u - alpha * (x.T @ r) / len(y), c - beta * r.mean()
+        torch.testing.assert_close(got[i], res.base(xq).detach() + xq @ u + c, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="keys"):
+        gm.adapt_and_score(res, t, adapt=adapt, steps=1, lrs={"user_w": alpha})
+
+
+def test_meta_sgd_meta_gradient_matches_finite_differences():
+    feats, ids = _features()
+    res = gm.ResidualUserHead(gm.UserHead(8, d_proj=5, seed=3)).double()
+    with torch.no_grad():
+        res.user_w.normal_(0, 0.3)
+        res.user_b.fill_(0.2)
+    b = gm.sample_like_batch(_pools(feats, ids), torch.from_numpy(feats).double(), 4, (3, 5), 4, np.random.default_rng(0))
+    params, frozen = meta.split_params(res, list(gm.ResidualUserHead.ADAPT))
+    lrs = meta.init_meta_sgd_lrs(params, 0.4)
+    wrt = [res.user_w, res.user_b, lrs["user_w"], lrs["user_b"]]
+
+    def J(w, c, aw, ab):
+        return meta.maml_loss(res, {"user_w": w, "user_b": c}, frozen, b, loss_fn=meta.bce_loss_per_example, steps=2,
+                              lrs={"user_w": aw, "user_b": ab})
+
+    grads = torch.autograd.grad(J(*wrt), wrt)
+    eps = 1e-6
+    for which, j in [(0, 0), (0, 5), (1, None), (2, 3), (3, None)]:
+        e = torch.zeros_like(wrt[which])
+        if j is None:
+            e.fill_(eps)
+        else:
+            e[j] = eps
+        plus = [v + e if i == which else v for i, v in enumerate(wrt)]
+        minus = [v - e if i == which else v for i, v in enumerate(wrt)]
+        with torch.no_grad():
+            fd = (J(*plus) - J(*minus)) / (2 * eps)
+        want = grads[which] if j is None else grads[which][j]
+        assert abs(float(fd) - float(want)) < 1e-6, (which, j)
+    assert grads[2].abs().sum() > 0  # the step sizes do receive a meta-gradient
+
+
+def test_meta_train_residual_learns_init_and_rates_keeps_base_and_early_stops():
+    feats, ids = _features()
+    pools = _pools(feats, ids)
+    base = gm.UserHead(8, d_proj=4, seed=0)
+    res = gm.ResidualUserHead(base)
+    base_before = _state(res.base)
+    val = gm.like_tasks(_episodes(4), feats, ids)
+    log, lrs = gm.meta_train_residual(res, pools, torch.from_numpy(feats), meta_steps=6, n_tasks=4, k_choices=(3, 5), n_query=4,
+                                      init_lr=0.05, val_tasks=[val], eval_every=2)
+    for k, v in res.base.state_dict().items():
+        assert torch.equal(v, base_before[k])  # the global head inside is bit-identical
+    assert torch.equal(base_before["head.weight"], base.state_dict()["head.weight"])  # and the original is untouched
+    assert res.user_w.abs().sum() > 0 and not torch.allclose(lrs["user_w"], torch.full((8,), 0.05))
+    assert [s for s, _ in log.checkpoints] == [2, 4, 6] and len(log.losses) == 6
+    best = max(log.checkpoints, key=lambda c: c[1])
+    assert log.best_step == best[0]
+    now = np.nanmean(gm.evaluate_like(gm.adapt_and_score(res, val, adapt=list(gm.ResidualUserHead.ADAPT), steps=3, lrs=lrs), val).auc)
+    assert abs(now - best[1]) < 1e-9  # the restored checkpoint is the best one
+    with pytest.raises(TypeError, match="ResidualUserHead"):
+        gm.meta_train_residual(base, pools, torch.from_numpy(feats), meta_steps=1)
+    with pytest.raises(TypeError, match="val_tasks"):
+        gm.meta_train_residual(res, pools, torch.from_numpy(feats), meta_steps=1, val_tasks=[1, 2])
+    with pytest.raises(ValueError, match="meta_steps"):
+        gm.meta_train_residual(res, pools, torch.from_numpy(feats), meta_steps=0)
+
+
+def test_user_folds_partition_users():
+    users = np.arange(100, 123)
+    folds = gm.user_folds(users[::-1], n_folds=5, seed=3)
+    assert len(folds) == 5 and sorted(len(f) for f in folds) == [4, 4, 5, 5, 5]
+    np.testing.assert_array_equal(np.sort(np.concatenate(folds)), users)
+    assert all((np.diff(f) > 0).all() for f in folds)
+    for a, b in zip(folds, gm.user_folds(users, n_folds=5, seed=3)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="n_folds"):
+        gm.user_folds(users, n_folds=1)
+    with pytest.raises(ValueError, match="exceeds"):
+        gm.user_folds(users[:3], n_folds=4)
+    with pytest.raises(ValueError, match="integer"):
+        gm.user_folds(np.array([0.5, 1.5]))
+
+
+def test_pairwise_query_loss_matches_a_loop_ignores_offsets_and_validates():
+    rng = np.random.default_rng(0)
+    s = torch.from_numpy(rng.normal(size=(3, 7)))
+    y = torch.from_numpy((rng.random((3, 7)) < 0.5).astype(np.float64))
+    m = torch.from_numpy(rng.random((3, 7)) < 0.8)
+    y[2] = 1.0  # one class only: no pair
+    loss, ok = gm.pairwise_query_loss(s, y, m)
+    for t in range(3):
+        pairs = [(i, j) for i in range(7) for j in range(7) if m[t, i] and m[t, j] and y[t, i] == 1 and y[t, j] == 0]
+        want = np.mean([np.log1p(np.exp(float(s[t, j] - s[t, i]))) for i, j in pairs]) if pairs else 0.0
+        assert bool(ok[t]) == bool(pairs)
+        assert abs(float(loss[t]) - want) < 1e-10
+    shifted, _ = gm.pairwise_query_loss(s + torch.tensor([[5.0], [-2.0], [1.0]], dtype=torch.float64), y, m)
+    torch.testing.assert_close(shifted, loss)
+    with pytest.raises(ValueError, match="same shape"):
+        gm.pairwise_query_loss(s, y[:, :3], m)
+
+
+def test_meta_train_residual_pairwise_and_zero_start_options():
+    feats, ids = _features()
+    pools = _pools(feats, ids)
+    res = gm.ResidualUserHead(gm.UserHead(8, d_proj=4, seed=0))
+    log, lrs = gm.meta_train_residual(res, pools, torch.from_numpy(feats), meta_steps=3, n_tasks=4, k_choices=(3, 5), n_query=4,
+                                      learn_init=False, per_coordinate=False, outer_loss="pairwise")
+    assert torch.equal(res.user_w, torch.zeros(8)) and float(res.user_b) == 0.0  # the start stays at zero
+    assert lrs["user_w"].shape == () and lrs["user_b"].shape == () and float(lrs["user_w"]) != 0.01  # step sizes learned
+    assert log.best_step is None and not log.checkpoints and len(log.losses) == 3
+    with pytest.raises(ValueError, match="outer_loss"):
+        gm.meta_train_residual(res, pools, torch.from_numpy(feats), meta_steps=1, outer_loss="auc")
+
+
+# ----------------------------------------------------------------------------- K-fold over users
+
+
+def _kfold_ratings(n_users=12, n_items=20, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        n = 14 if u % 3 else 8  # every third user is too short for k = 4 with 10 query ratings
+        items = rng.choice(n_items, size=n, replace=False) + 100
+        r = rng.choice([1.0, 2.0, 4.0, 5.0], size=n)
+        r[:2] = [5.0, 1.0]
+        rows += [(u, int(i), float(x), t) for t, (i, x) in enumerate(zip(items, r))]
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
+
+
+def test_kfold_like_auc_tests_every_user_once_and_trains_without_them():
+    from sklearn.metrics import roc_auc_score
+
+    from mrec_utils.tasks import make_episodes
+
+    feats, ids = _features(n_items=20)
+    df = _kfold_ratings()
+    seen = []
+
+    def fit(pools, f):
+        seen.append(sorted(len(p[0]) for p in pools))
+        return {"col0": lambda t: t.x_query[..., 0], "neg": lambda t: -t.x_query[..., 0]}
+
+    out = gm.kfold_like_auc(df, feats, ids, fit, ks=(4,), n_folds=3, n_episodes=2, exclude_users=[0], min_query=10, seed=5)
+    assert len(seen) == 3
+    folds = gm.user_folds(np.arange(1, 12), 3, seed=5)
+    for f, fold in enumerate(folds):  # fit saw exactly the other folds' users (user 0 excluded everywhere)
+        keep = df[~df.user_id.isin(np.concatenate([fold, [0]]))]
+        assert seen[f] == sorted(keep.groupby("user_id").size().tolist())
+    long_users = sorted(u for u in range(1, 12) if u % 3)
+    for m in ("col0", "neg"):
+        assert sorted(out[out.method == m].user_id) == long_users  # each eligible test user exactly once
+    u = long_users[0]
+    want = []
+    for e in range(2):  # plain loop: the user's AUC averaged over the two episodes
+        ep = make_episodes(df, np.array([u]), k_support=4, n_query=None, seed=5 + e)[0]
+        y = (ep.query_ratings >= 4).astype(int)
+        want.append(roc_auc_score(y, feats[ep.query_items - 100, 0]))
+    got = out[(out.method == "col0") & (out.user_id == u)].auc.item()
+    assert abs(got - np.mean(want)) < 1e-9
+    both = out.pivot_table(index="user_id", columns="method", values="auc")
+    np.testing.assert_allclose(both["col0"] + both["neg"], 1.0)  # reversed scores: AUC -> 1 - AUC
+    with pytest.raises(TypeError, match="fit must"):
+        gm.kfold_like_auc(df, feats, ids, "nope")
+    with pytest.raises(TypeError, match="non-empty dict"):
+        gm.kfold_like_auc(df, feats, ids, lambda p, f: [], ks=(4,), n_folds=2)
+    with pytest.raises(ValueError, match="no test user"):
+        gm.kfold_like_auc(df, feats, ids, fit, ks=(40,), n_folds=2)
+
+
+def test_paired_summary_matches_paired_bootstrap():
+    from mrec_utils import metrics
+
+    rng = np.random.default_rng(1)
+    a, b = rng.random(30), rng.random(30)
+    a[3] = np.nan
+    per = pd.concat([pd.DataFrame({"method": "ref", "k": 8, "user_id": np.arange(30), "auc": b}),
+                     pd.DataFrame({"method": "new", "k": 8, "user_id": np.arange(30), "auc": a})])
+    t = gm.paired_summary(per, "ref", seed=3)
+    ok = ~np.isnan(a)
+    d = metrics.paired_bootstrap_ci(a[ok], b[ok], seed=3)
+    row = t.loc[("new", 8)]
+    assert row["users"] == 29 and row["auc - ref"] == pytest.approx(d.estimate)
+    assert (row["95% low"], row["95% high"]) == pytest.approx((d.low, d.high))
+    assert row["beats ref"] == (d.low > 0) and row["auc"] == pytest.approx(a[ok].mean())
+    assert t.loc[("ref", 8), "users"] == 30 and np.isnan(t.loc[("ref", 8), "95% low"])
+    with pytest.raises(ValueError, match="reference"):
+        gm.paired_summary(per, "global")
+    with pytest.raises(TypeError, match="columns"):
+        gm.paired_summary(per.drop(columns="auc"), "ref")
+
+
+def test_head_benchmark_folds_option_is_validated_and_parsed():
+    from mrec_utils import benchmark
+
+    args = benchmark.build_parser().parse_args(["gpt-meta", "--folds", "5", "--methods", "global", "residual"])
+    assert args.folds == 5 and args.methods == ["global", "residual"]
+    assert "residual" in gm.HEAD_METHODS
+    feats, ids = _features()
+    df = pd.DataFrame({"user_id": [1], "item_id": [100], "rating": [4.0], "timestamp": [0]})
+    with pytest.raises(ValueError, match="n_folds"):
+        gm.head_benchmark(df, feats, ids, n_folds=1)
