@@ -4,7 +4,8 @@ Sections (each self-contained; chapters import what they need):
 
 - **GPT over item sequences** (chapter 7): items as tokens, a tiny ``transformers`` GPT-2 trained
   for next-item prediction (no pretrained weights; item embeddings optionally warm-started from
-  co-occurrence counts), leave-one-out and in-context evaluation helpers, and the popularity and
+  co-occurrence counts), seed ensembles of such GPTs (trained in lockstep, scored by their averaged
+  log-probabilities), leave-one-out and in-context evaluation helpers, and the popularity and
   item-to-item co-occurrence baselines it is compared with.
 - **MeLU-style rating model** (chapter 5): item (and user) attribute embeddings, concatenated,
   then an MLP decision head; :func:`melu_adapt_spec` says what per-user adaptation changes.
@@ -388,6 +389,43 @@ class GPTTrainLog:
     n_targets: int = 0
 
 
+def _as_gpt_members(model: Any, what: str = "model") -> list[torch.nn.Module]:
+    """One item GPT or a non-empty list/tuple of them (an ensemble) -> list of members, same vocabulary."""
+    members = list(model) if isinstance(model, (list, tuple)) else [model]
+    if not members:
+        raise ValueError(f"{what} is an empty list; pass an item GPT or a list of them (make_item_gpt).")
+    for m in members:
+        if not isinstance(m, torch.nn.Module) or not hasattr(m, "config"):
+            raise TypeError(f"{what} must be a transformers GPT2LMHeadModel (make_item_gpt) or a list of them.")
+    sizes = {int(m.config.vocab_size) for m in members}
+    if len(sizes) != 1:
+        raise ValueError(f"the members of an ensemble must share one vocabulary; got vocab sizes {sorted(sizes)}.")
+    if len({id(m) for m in members}) != len(members):
+        raise ValueError("the same model object appears twice in the ensemble; build each member with make_item_gpt.")
+    return members
+
+
+def _train_epoch(model: Any, opt: torch.optim.Optimizer, windows: list[np.ndarray], batch_size: int,
+                 gen: np.random.Generator) -> float:
+    """One pass over the shuffled windows; returns the mean cross-entropy per predicted item."""
+    dev = _model_device(model)
+    model.train()
+    order = gen.permutation(len(windows))
+    total, count = 0.0, 0
+    for b in range(0, len(order), batch_size):
+        batch = [windows[j] for j in order[b : b + batch_size]]
+        tokens, mask = pad_batch(batch, _context_len(model))
+        tokens, mask = tokens.to(dev), mask.to(dev)
+        loss = next_item_loss(model, tokens, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        n_t = int(mask[:, 1:].sum())
+        total += float(loss.detach()) * n_t
+        count += n_t
+    return total / max(count, 1)
+
+
 def train_item_gpt(
     model: Any,
     sequences: Any,
@@ -402,15 +440,24 @@ def train_item_gpt(
     k: int = 10,
     progress: bool = True,
 ) -> GPTTrainLog:
-    """Train an item GPT for next-item prediction (causal LM loss over item tokens).
+    """Train an item GPT (or an ensemble of them) for next-item prediction (causal LM loss over item tokens).
 
     Each sequence is cut into windows (:func:`training_windows`); a batch of windows is right-
     padded, the attention mask hides the padding, and padded positions get the label -100 so the
     cross-entropy ignores them. ``GPT2LMHeadModel`` shifts the labels itself: position t is
     trained to predict the item at t + 1 from items 0..t (causal self-attention).
 
+    An *ensemble* (a list of models, e.g. from different ``make_item_gpt`` seeds) is trained in
+    lockstep: every epoch each member makes one pass over the windows, with its own AdamW state
+    and its own shuffling (member i uses the seed ``seed + i``); validation scores the ensemble as
+    a whole (:func:`score_next_items` averages the members' log-probabilities), and early stopping
+    restores every member to the ensemble's best epoch. A list of one model trains exactly like
+    the model itself. The validation data only decide *which epoch* is kept: the training
+    trajectory is the same with or without ``val``.
+
     Args:
-        model: from :func:`make_item_gpt` (trained in place, left in eval mode).
+        model: from :func:`make_item_gpt`, or a list of such models with the same vocabulary
+            (trained in place, left in eval mode).
         sequences: training users' item-index sequences (list or :class:`ItemSequences`).
         epochs, batch_size, lr, weight_decay: AdamW settings; windows are reshuffled every epoch
             with a generator seeded by ``seed``.
@@ -422,14 +469,15 @@ def train_item_gpt(
         progress: show a progress bar over epochs (off with ``MREC_NO_PROGRESS=1``).
 
     Returns:
-        :class:`GPTTrainLog`.
+        :class:`GPTTrainLog` (``losses`` are averaged over the members of an ensemble).
     """
     from .train import EarlyStopping
     from .train import progress as _progress
 
-    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+    if not isinstance(model, (list, tuple)) and (not isinstance(model, torch.nn.Module) or not hasattr(model, "config")):
         raise TypeError("model must be a transformers GPT2LMHeadModel, e.g. from make_item_gpt(n_items).")
-    n_items = int(model.config.vocab_size) - 1
+    members = _as_gpt_members(model)
+    n_items = int(members[0].config.vocab_size) - 1
     seqs = _as_sequences(sequences, n_items, "sequences")
     epochs = _check_pos_int("epochs", epochs)
     batch_size = _check_pos_int("batch_size", batch_size)
@@ -442,9 +490,12 @@ def train_item_gpt(
     if device is not None:
         from .train import get_device
 
-        model.to(get_device(device))
-    dev = _model_device(model)
-    windows = training_windows(seqs, _context_len(model))
+        for m in members:
+            m.to(get_device(device))
+    context = {_context_len(m) for m in members}
+    if len(context) != 1:
+        raise ValueError(f"the members of an ensemble must share one context length (max_len); got {sorted(context)}.")
+    windows = training_windows(seqs, context.pop())
     if not windows:
         raise ValueError("no training sequence has at least 2 items; nothing to learn from.")
     log = GPTTrainLog(n_windows=len(windows), n_targets=int(sum(len(w) - 1 for w in windows)))
@@ -456,70 +507,71 @@ def train_item_gpt(
         if len(val_targets) != len(val_hist):
             raise ValueError(f"val has {len(val_hist)} histories but {len(val_targets)} targets.")
         stopper = EarlyStopping(patience=patience or epochs + 1, mode="max")
+    scored = members[0] if len(members) == 1 else members
+    kept = torch.nn.ModuleList(members)  # one state_dict for all members (kept and restored together)
 
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    gen = np.random.default_rng(seed)
+    opts = [torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=weight_decay) for m in members]
+    gens = [np.random.default_rng(seed + i) for i in range(len(members))]
     torch_gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # dropout masks
     start = time.perf_counter()
-    bar_kw: dict[str, Any] = {"desc": "training item GPT"}
+    bar_kw: dict[str, Any] = {"desc": "training item GPT" + (f" x{len(members)}" if len(members) > 1 else "")}
     if not progress:
         bar_kw["disable"] = True
     bar = _progress(range(epochs), **bar_kw)
     try:
         for epoch in bar:
-            model.train()
-            order = gen.permutation(len(windows))
-            total, count = 0.0, 0
-            for b in range(0, len(order), batch_size):
-                batch = [windows[j] for j in order[b : b + batch_size]]
-                tokens, mask = pad_batch(batch, _context_len(model))
-                tokens, mask = tokens.to(dev), mask.to(dev)
-                loss = next_item_loss(model, tokens, mask)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                n_t = int(mask[:, 1:].sum())
-                total += float(loss.detach()) * n_t
-                count += n_t
-            log.losses.append(total / max(count, 1))
+            losses = [_train_epoch(m, o, windows, batch_size, g) for m, o, g in zip(members, opts, gens)]
+            log.losses.append(float(np.mean(losses)))
             if stopper is not None:
-                scores = score_next_items(model, val_hist)
+                scores = score_next_items(scored, val_hist)
                 res = evaluate_next_item(scores, val_hist, val_targets, k=k, n_negatives=None)
                 log.val_ndcg.append(float(res["full_ndcg"].mean()))
-                if stopper.step(log.val_ndcg[-1], model):
+                if stopper.step(log.val_ndcg[-1], kept):
                     break
     finally:
         torch.random.set_rng_state(torch_gen_state)
         if hasattr(bar, "close"):
             bar.close()
     if stopper is not None:
-        stopper.restore(model)
+        stopper.restore(kept)
         log.best_epoch = stopper.best_step + 1
     else:
         log.best_epoch = len(log.losses)
-    model.eval()
+    for m in members:
+        m.eval()
     log.seconds = time.perf_counter() - start
     return log
 
 
 @torch.no_grad()
 def score_next_items(model: Any, histories: Any, batch_size: int = 256) -> np.ndarray:
-    """Next-item scores (logits) after each history, over the whole catalogue.
+    """Next-item scores after each history, over the whole catalogue.
 
     The model reads the last ``max_len`` items of each history (no gradient step: whatever the
     history says about the user is used *in context*).
 
     Args:
-        model: an item GPT (:func:`make_item_gpt`), on any device.
+        model: an item GPT (:func:`make_item_gpt`), on any device; or a list of item GPTs with
+            the same vocabulary (an ensemble), whose scores are the members' averaged
+            log-probabilities ``mean_m log softmax(logits_m)`` over the items.
         histories: n item-index sequences, each with at least one item.
         batch_size: histories per forward pass.
 
     Returns:
-        float32 array [n, n_items]: the logit of every item at the position after the last item.
+        float32 array [n, n_items]: for one model the logit of every item at the position after
+        the last item; for an ensemble the mean log-probability (same ranking as the geometric
+        mean of the members' next-item distributions).
     """
+    if isinstance(model, (list, tuple)):
+        members = _as_gpt_members(model)
+        total = None
+        for m in members:
+            s = torch.log_softmax(torch.from_numpy(score_next_items(m, histories, batch_size)), dim=1).numpy()
+            total = s if total is None else total + s
+        return (total / len(members)).astype(np.float32)
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
-        raise TypeError("model must be an item GPT from make_item_gpt.")
+        raise TypeError("model must be an item GPT from make_item_gpt (or a list of them).")
     n_items = int(model.config.vocab_size) - 1
     hist = _as_sequences(histories, n_items, "histories", min_len=1)
     if not hist:

@@ -308,3 +308,93 @@ def test_make_item_gpt_warm_start_sets_item_embeddings_only():
     assert warm.lm_head.weight.data_ptr() == warm.transformer.wte.weight.data_ptr()  # still tied
     with pytest.raises(ValueError, match="shape"):
         models.make_item_gpt(12, max_len=8, n_embd=16, n_head=2, item_vectors=vec[:, :8])
+
+
+# ------------------------------------------------------------------ early stopping and ensembles
+
+
+def _adversarial_val(n_items: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Validation cases whose 'target' breaks the planted rule (s[t-2] + 3 instead of + 1), so a
+    model that learns the rule gets *worse* on them: the best validation epoch is an early one."""
+    hist, targets = [], []
+    for s in interleaved_cycles(60, 10, n_items, seed=seed):
+        h, y = s[:9], (s[7] + 3) % n_items
+        if y not in set(h.tolist()):
+            hist.append(h)
+            targets.append(y)
+    return hist, np.array(targets)
+
+
+def test_early_stopping_restores_the_best_epoch_and_val_only_chooses_it():
+    n_items = 40
+    train_seqs = interleaved_cycles(200, 10, n_items, seed=0)
+    val = _adversarial_val(n_items, seed=5)
+    kw = dict(max_len=10, n_embd=16, n_head=2, dropout=0.0, seed=0)
+    model = models.make_item_gpt(n_items, **kw)
+    log = models.train_item_gpt(model, train_seqs, epochs=12, batch_size=32, lr=1e-2, seed=0,
+                                val=val, patience=2, progress=False)
+    n_run = len(log.losses)
+    assert len(log.val_ndcg) == n_run
+    assert log.best_epoch == int(np.argmax(log.val_ndcg)) + 1
+    assert log.best_epoch < n_run <= 12 and n_run == log.best_epoch + 2  # stopped after `patience` bad epochs
+    # the returned weights are the best epoch's: they reproduce its validation nDCG exactly ...
+    res = models.evaluate_next_item(models.score_next_items(model, val[0]), val[0], val[1], n_negatives=None)
+    assert float(res["full_ndcg"].mean()) == pytest.approx(log.val_ndcg[log.best_epoch - 1], abs=1e-12)
+    # ... and not the last epoch's. The same training without validation data follows the same
+    # trajectory (identical losses): the validation users only choose the epoch.
+    plain = models.make_item_gpt(n_items, **kw)
+    plain_log = models.train_item_gpt(plain, train_seqs, epochs=n_run, batch_size=32, lr=1e-2, seed=0, progress=False)
+    assert plain_log.losses == log.losses
+    res_last = models.evaluate_next_item(models.score_next_items(plain, val[0]), val[0], val[1], n_negatives=None)
+    assert float(res_last["full_ndcg"].mean()) == pytest.approx(log.val_ndcg[-1], abs=1e-12)
+    assert float(res_last["full_ndcg"].mean()) < log.val_ndcg[log.best_epoch - 1]
+
+
+def test_ensemble_scores_are_the_mean_of_member_log_probabilities():
+    a = models.make_item_gpt(15, max_len=8, n_embd=16, n_head=2, seed=0)
+    b = models.make_item_gpt(15, max_len=8, n_embd=16, n_head=2, seed=1)
+    hist = [np.array([1, 2, 3]), np.array([7]), np.arange(12) % 15]
+    ens = models.score_next_items([a, b], hist)
+    assert ens.shape == (3, 15) and ens.dtype == np.float32
+    by_hand = []
+    for m in (a, b):
+        m.eval()  # a fresh GPT2LMHeadModel is in training mode (dropout on)
+        with torch.no_grad():
+            for r, h in enumerate(hist):
+                logits = m(input_ids=torch.tensor(h[-8:] + 1)[None]).logits[0, -1, 1:]
+                by_hand.append(torch.log_softmax(logits, -1).numpy())
+    by_hand = np.array(by_hand).reshape(2, 3, 15).mean(0)
+    np.testing.assert_allclose(ens, by_hand, atol=1e-5)
+    # an ensemble of one ranks exactly like the model (log-softmax is a per-row shift)
+    one, alone = models.score_next_items([a], hist), models.score_next_items(a, hist)
+    np.testing.assert_allclose(one - one[:, :1], alone - alone[:, :1], atol=1e-5)
+    with pytest.raises(ValueError, match="empty"):
+        models.score_next_items([], hist)
+    with pytest.raises(ValueError, match="twice"):
+        models.score_next_items([a, a], hist)
+    with pytest.raises(ValueError, match="vocabulary"):
+        models.score_next_items([a, models.make_item_gpt(16, max_len=8, n_embd=16, n_head=2)], hist)
+
+
+def test_ensemble_training_in_lockstep():
+    n_items = 40
+    train_seqs = interleaved_cycles(200, 10, n_items, seed=0)
+    val = _adversarial_val(n_items, seed=5)
+    kw = dict(max_len=10, n_embd=16, n_head=2, dropout=0.0, seed=0)
+    # a list of one model trains exactly like the model itself
+    kw_drop = {**kw, "dropout": 0.1}  # dropout on: the dropout masks must match too
+    single, listed = models.make_item_gpt(n_items, **kw_drop), models.make_item_gpt(n_items, **kw_drop)
+    models.train_item_gpt(single, train_seqs, epochs=2, batch_size=32, lr=1e-2, seed=3, progress=False)
+    models.train_item_gpt([listed], train_seqs, epochs=2, batch_size=32, lr=1e-2, seed=3, progress=False)
+    np.testing.assert_array_equal(models.score_next_items(single, val[0]), models.score_next_items(listed, val[0]))
+    # two members: early stopping keeps the ensemble's best epoch for both members
+    pair = [models.make_item_gpt(n_items, **{**kw, "seed": s}) for s in (0, 1)]
+    log = models.train_item_gpt(pair, train_seqs, epochs=8, batch_size=32, lr=1e-2, seed=0,
+                                val=val, patience=2, progress=False)
+    assert log.best_epoch < len(log.losses)
+    res = models.evaluate_next_item(models.score_next_items(pair, val[0]), val[0], val[1], n_negatives=None)
+    assert float(res["full_ndcg"].mean()) == pytest.approx(log.val_ndcg[log.best_epoch - 1], abs=1e-12)
+    assert not np.allclose(models.score_next_items(pair[0], val[0]), models.score_next_items(pair[1], val[0]))
+    with pytest.raises(ValueError, match="context length"):
+        models.train_item_gpt([pair[0], models.make_item_gpt(n_items, max_len=9, n_embd=16, n_head=2)], train_seqs,
+                              epochs=1, progress=False)
