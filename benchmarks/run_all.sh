@@ -5,6 +5,8 @@
 #   PARALLEL=1 bash benchmarks/run_all.sh           # one process per (scenario, k)
 #   SKIP_SPEED=1 bash benchmarks/run_all.sh         # everything but the speed table
 #   DATASET=ml-100k OUTDIR=benchmarks/results-ml-100k bash benchmarks/run_all.sh
+#   SKIP_RANKING=1 bash benchmarks/run_all.sh       # without chapters 7 and 8 (the ranking runs)
+#   ONLY_RANKING=1 bash benchmarks/run_all.sh       # only the ranking runs (after a change to chapter 7 or 8's code)
 #
 # Every run uses one thread (--threads 1): single-threaded CPU runs are bit-reproducible, and
 # tests/test_benchmark_results.py re-computes one slice and compares it with the files.
@@ -47,7 +49,9 @@ run_more() {  # scenario, file slug, k
 }
 
 SETTINGS="user-cold:user-cold item-cold:item-cold user+item-cold:user-item-cold"
-if [[ "${PARALLEL:-0}" == "1" ]]; then  # one process per (scenario, k) and one for the cost table
+if [[ "${ONLY_RANKING:-0}" == "1" ]]; then
+    :  # chapter 5's runs are kept as they are
+elif [[ "${PARALLEL:-0}" == "1" ]]; then  # one process per (scenario, k) and one for the cost table
     for sc in $SETTINGS; do
         for k in 5 10 20; do
             run_one "${sc%%:*}" "${sc##*:}" "$k" > "$OUTDIR/log_${sc##*:}_k$k.txt" 2>&1 &
@@ -72,11 +76,36 @@ else
 fi
 
 # The results table of chapter 10 (mean and 95% interval per scenario x k x method).
-$PY -m mrec_utils.benchmark report --results "$OUTDIR" --out "$OUTDIR/coldstart_report.csv"
+[[ "${ONLY_RANKING:-0}" == "1" ]] || $PY -m mrec_utils.benchmark report --results "$OUTDIR" --out "$OUTDIR/coldstart_report.csv"
+
+# Chapters 5, 7 and 8 on the same episodes: every method ranks each test user's query films
+# (in-query nDCG@3, like/dislike AUC). Same scenarios, k and seeds as above, hence the same episodes;
+# chapter 8's LM text embeddings are cached on disk (MREC_CACHE_DIR).
+run_ranking() {  # scenario, file slug, k
+    $PY -m mrec_utils.benchmark ranking --dataset "$DATASET" --scenario "$1" --shots "$3" --seeds $SEEDS \
+        --threads 1 --no-progress \
+        --out "$OUTDIR/ranking_$2_k$3.json" --per-user "$OUTDIR/ranking_$2_k$3""_per_user.csv" \
+        || echo "skipped ranking $1 k=$3 (see the error above)"
+}
+if [[ "${SKIP_RANKING:-0}" != "1" ]]; then
+    if [[ "${PARALLEL:-0}" == "1" ]]; then
+        for sc in $SETTINGS; do
+            for k in 5 10 20; do
+                run_ranking "${sc%%:*}" "${sc##*:}" "$k" > "$OUTDIR/log_ranking_${sc##*:}_k$k.txt" 2>&1 &
+            done
+        done
+        wait
+    else
+        for sc in $SETTINGS; do
+            for k in 5 10 20; do run_ranking "${sc%%:*}" "${sc##*:}" "$k"; done
+        done
+    fi
+    $PY -m mrec_utils.benchmark ranking-report --results "$OUTDIR" --out "$OUTDIR/ranking_report.csv"
+fi
 
 # Meta-training speed: vmap vs loop vs higher (timings depend on the machine and its load; the
 # JSON records the load averages and `uptime`).
-[[ "${SKIP_SPEED:-0}" == "1" ]] && exit 0
+[[ "${SKIP_SPEED:-0}" == "1" || "${ONLY_RANKING:-0}" == "1" ]] && exit 0
 $PY -m mrec_utils.benchmark speed --out "$OUTDIR/speed.json"
 $PY - "$OUTDIR" "$(uptime)" <<'PYEOF'
 import json, sys, pandas as pd

@@ -3,10 +3,10 @@
 Subcommands
 -----------
 ``speed``
-    Meta-steps per second of second-order MAML for a MeLU-sized network, written four ways:
+    Meta-steps per second of second-order MAML for a MeLU-sized network, written five ways:
     (a) :mod:`mrec_utils.meta` with ``vmap`` over tasks, (b) the same maths as a Python loop
     over tasks, (c) the ``higher`` library (``pip install "mrec_utils[bench]"``), (d) first-order
-    MAML with ``vmap``; plus how far apart their meta-gradients are. See :func:`speed_benchmark`.
+    MAML with ``vmap``, (e) a hand-batched reference for this one network (no ``vmap``); plus how far apart their meta-gradients are. See :func:`speed_benchmark`.
 
 ``coldstart``
     The cold-start comparison of chapter 5 (:func:`mrec_utils.coldstart.run_coldstart`): global
@@ -24,6 +24,14 @@ Subcommands
     Chapter 10's cost table: fits the methods once and reports training seconds, adaptation
     milliseconds per test user and parameters (:func:`coldstart_cost`).
 
+``ranking``
+    Chapters 5, 7 and 8 on the same episodes as ``coldstart`` (:func:`ranking_benchmark`): every
+    method ranks each test user's query films; in-query nDCG@3 and like/dislike AUC, costs. Example:
+    ``python -m mrec_utils.benchmark ranking --scenario user-cold --shots 10 --seeds 0 --threads 1``.
+
+``ranking-report``
+    Chapter 10's ranking table from several ``ranking`` runs (:func:`ranking_summary`).
+
 Adding a subcommand: write ``_add_<name>_parser(subparsers)`` that creates the sub-parser and
 sets ``func=<callable(args) -> int>``, and call it from :func:`build_parser`.
 """
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -41,6 +50,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -48,17 +58,20 @@ from torch import nn
 from mrec_utils import meta
 
 __all__ = ["SPEED_METHODS", "speed_benchmark", "REPORT_METRICS", "LIVE_SLICE", "load_coldstart_per_user", "coldstart_report",
-           "coldstart_cost", "build_parser", "main"]
+           "coldstart_cost", "RANKING_METHODS", "RANKING_CHAPTER", "RANKING_METRICS", "RANKING_LIVE_SLICE", "RankingConfig",
+           "RankingResult", "ranking_metrics", "ranking_benchmark", "ranking_summary", "load_ranking_per_user",
+           "build_parser", "main"]
 
 SPEED_METHODS: dict[str, str] = {
     "vmap": "(a) mrec_utils.meta, vmap over tasks",
     "loop": "(b) same maths, Python loop over tasks",
     "higher": "(c) higher.innerloop_ctx, loop over tasks",
     "vmap_first_order": "(d) first-order MAML, vmap over tasks",
+    "bmm": "(e) hand-batched MLP (bmm), no vmap: reference",
 }
 """Method keys of :func:`speed_benchmark` and what each one measures."""
 
-_ORDER = {"vmap": "second", "loop": "second", "higher": "second", "vmap_first_order": "first"}
+_ORDER = {"vmap": "second", "loop": "second", "higher": "second", "vmap_first_order": "first", "bmm": "second"}
 
 
 def _melu_mlp(input_dim: int, hidden: int) -> nn.Module:
@@ -109,6 +122,36 @@ def _higher_backward(model: nn.Module, batch: dict[str, torch.Tensor], steps: in
     return total
 
 
+def _bmm_backward(model: nn.Module, batch: dict[str, torch.Tensor], steps: int, inner_lr: float) -> torch.Tensor:
+    """Accumulate the second-order MAML meta-gradient into ``model``'s ``.grad`` with code written
+    for this one network shape (Linear-ReLU-Linear-ReLU-Linear): every task's weights are a slice
+    of one ``[T, out, in]`` tensor, each layer is one ``torch.baddbmm`` over all tasks, and the inner
+    gradients come from ``torch.autograd.grad(..., create_graph=True)`` of the summed task losses
+    (tasks do not share weights, so that is every task's own gradient). No masks, no checks, no
+    ``vmap``: how fast eager PyTorch runs this meta-step when nothing is general. Returns the meta-loss."""
+    layers = [m for m in model if isinstance(m, nn.Linear)]
+    n_tasks = batch["x_support"].shape[0]
+    weights = [m.weight.expand(n_tasks, *m.weight.shape) for m in layers]  # [T, out, in], no copy
+    biases = [m.bias.expand(n_tasks, *m.bias.shape) for m in layers]  # [T, out]
+
+    def forward(ws: list[torch.Tensor], bs: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        h = x  # [T, N, in]
+        for i, (w, b) in enumerate(zip(ws, bs)):
+            h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            if i < len(ws) - 1:
+                h = torch.relu(h)
+        return h.squeeze(-1)  # [T, N]
+
+    for _ in range(steps):
+        support = (forward(weights, biases, batch["x_support"]) - batch["y_support"]).pow(2).mean(1).sum()
+        grads = torch.autograd.grad(support, weights + biases, create_graph=True)
+        weights = [torch.add(w, g, alpha=-inner_lr) for w, g in zip(weights, grads[: len(weights)])]
+        biases = [torch.add(b, g, alpha=-inner_lr) for b, g in zip(biases, grads[len(weights):])]
+    query = (forward(weights, biases, batch["x_query"]) - batch["y_query"]).pow(2).mean(1).mean()
+    query.backward()
+    return query.detach()
+
+
 def _grad_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: (torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()) for n, p in model.named_parameters()}
 
@@ -153,8 +196,10 @@ def speed_benchmark(
     Every method starts from the same network (``input_dim -> hidden -> hidden -> 1``, ReLU),
     the same random meta-batch of ``n_tasks`` tasks with ``n_support`` support and ``n_query``
     query examples, ``steps`` inner SGD steps of size ``inner_lr`` and MSE loss. Methods (keys of
-    :data:`SPEED_METHODS`): ``vmap`` (a), ``loop`` (b), ``higher`` (c), ``vmap_first_order`` (d).
-    The methods are timed in interleaved rounds (a, b, c, d, a, b, ...) so that changes in machine
+    :data:`SPEED_METHODS`): ``vmap`` (a), ``loop`` (b), ``higher`` (c), ``vmap_first_order`` (d), and
+    ``bmm`` (e), a reference written by hand for this one network (:func:`_bmm_backward`) that
+    shows how much of (a)'s time any eager implementation pays anyway.
+    The methods are timed in interleaved rounds (a, b, c, d, e, a, b, ...) so that changes in machine
     load hit them alike; ``warmup`` rounds are discarded, then ``repeats`` rounds are timed.
 
     Gradient agreement is measured once, on the initial parameters: every second-order method
@@ -224,6 +269,10 @@ def speed_benchmark(
             model = copy.deepcopy(base)
             _higher_backward(model, batch, steps, torch.optim.SGD(model.parameters(), lr=inner_lr))
             grads[m] = _grad_dict(model)
+        elif m == "bmm":
+            model = copy.deepcopy(base)
+            _bmm_backward(model, batch, steps, inner_lr)
+            grads[m] = _grad_dict(model)
 
     # -- one model + outer optimiser per method, all from the same initial weights -------------
     steppers: dict[str, Callable[[], None]] = {}
@@ -237,6 +286,11 @@ def speed_benchmark(
             def step(model=model, opt=opt, inner_opt=inner_opt) -> None:
                 opt.zero_grad(set_to_none=True)
                 _higher_backward(model, batch, steps, inner_opt)
+                opt.step()
+        elif m == "bmm":
+            def step(model=model, opt=opt) -> None:
+                opt.zero_grad(set_to_none=True)
+                _bmm_backward(model, batch, steps, inner_lr)
                 opt.step()
         else:
             def step(model=model, opt=opt, params=params, frozen=frozen, m=m) -> None:
@@ -306,6 +360,7 @@ def _format_speed(df: pd.DataFrame) -> str:
     wall = dict(zip(df["method"], df["median_ms"]))
     cpu = dict(zip(df["method"], df["median_cpu_ms"]))
     for fast, slow, what in (("vmap", "higher", "vmap / higher"), ("vmap", "loop", "vmap / loop"),
+                             ("bmm", "higher", "hand-batched reference / higher"), ("bmm", "vmap", "hand-batched reference / vmap"),
                              ("vmap_first_order", "vmap", "first-order / second-order (vmap)")):
         if fast in wall and slow in wall:
             lines.append(f"{what} throughput: {wall[slow] / wall[fast]:.1f}x wall clock, {cpu[slow] / cpu[fast]:.1f}x CPU time")
@@ -527,17 +582,24 @@ def coldstart_report(per_user: pd.DataFrame, metrics_: Sequence[str] = REPORT_ME
         DataFrame indexed by (scenario, k, method) with ``<metric>``, ``<metric> low``,
         ``<metric> high`` per metric, ``seeds`` and ``users`` (evaluated pairs).
     """
-    import numpy as np
-
-    from mrec_utils import metrics
-    from mrec_utils.coldstart import METHODS, SCENARIOS
+    from mrec_utils.coldstart import METHODS
 
     need = {"scenario", "k", "seed", "method", "user_id", "mae", "mse"}
     if not isinstance(per_user, pd.DataFrame) or not need <= set(per_user.columns):
         raise ValueError(f"per_user must be a DataFrame with the columns {sorted(need)} (see load_coldstart_per_user).")
+    return _mean_interval_table(per_user, ["scenario", "k", "method"], metrics_, list(METHODS), n_boot, seed)
+
+
+def _mean_interval_table(per_user: pd.DataFrame, keys: list[str], metrics_: Sequence[str], order: Sequence[str],
+                         n_boot: int, seed: int) -> pd.DataFrame:
+    """Mean and 95% percentile-bootstrap interval of each metric per group of ``keys`` (``rmse`` from
+    ``mse``; NaN values left out), sorted by scenario (chapter 2's order), k and ``order`` of methods."""
+    from mrec_utils import metrics
+    from mrec_utils.coldstart import SCENARIOS
+
     rows = []
-    for (sc, k, m), d in per_user.groupby(["scenario", "k", "method"], sort=False):
-        row: dict[str, Any] = {"scenario": sc, "k": k, "method": m}
+    for key, d in per_user.groupby(keys, sort=False):
+        row: dict[str, Any] = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
         for name in metrics_:
             col = "mse" if name == "rmse" else name
             if col not in d:
@@ -555,9 +617,14 @@ def coldstart_report(per_user: pd.DataFrame, metrics_: Sequence[str] = REPORT_ME
         row["users"] = len(d)
         rows.append(row)
     out = pd.DataFrame(rows)
-    out["_s"] = out["scenario"].map({s: i for i, s in enumerate(SCENARIOS)})
-    out["_m"] = out["method"].map({s: i for i, s in enumerate(METHODS)}).fillna(len(METHODS))
-    out = out.sort_values(["_s", "k", "_m"]).drop(columns=["_s", "_m"]).set_index(["scenario", "k", "method"])
+    sort = []
+    if "scenario" in keys:
+        out["_s"] = out["scenario"].map({s: i for i, s in enumerate(SCENARIOS)})
+        sort.append("_s")
+    if "k" in keys:
+        sort.append("k")
+    out["_m"] = out["method"].map({s: i for i, s in enumerate(order)}).fillna(len(order))
+    out = out.sort_values(sort + ["_m"]).drop(columns=[c for c in ("_s", "_m") if c in out]).set_index(keys)
     return out
 
 
@@ -723,11 +790,11 @@ def _run_gpt_meta(args: argparse.Namespace) -> int:
     feats = gpt_meta.lm_item_features(raw, n_components=args.components)
     t1 = time.perf_counter()
     res = gpt_meta.head_benchmark(ml.ratings, feats, ids, ks=args.k, methods=args.methods, meta_steps=args.meta_steps,
-                                  min_item_count=args.min_item_count, seed=args.seed, device=args.device)
+                                  min_item_count=args.min_item_count, n_folds=args.folds, seed=args.seed, device=args.device)
     show = res.assign(**{"AUC [95%]": [f"{a:.3f} [{lo:.3f}, {hi:.3f}]" for a, lo, hi in zip(res.auc, res.auc_low, res.auc_high)],
                          "AUC - global [95%]": [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in
                                                 zip(res.auc_minus_global, res.diff_low, res.diff_high)]})
-    show = show[["method", "k", "users", "AUC [95%]", "AUC - global [95%]", "ndcg@10", "ms_per_user"]].round(3)
+    show = show[["evaluation", "method", "k", "users", "AUC [95%]", "AUC - global [95%]", "ndcg@10", "ms_per_user"]].round(3)
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_rows", 200):
         print(show.to_string(index=False))
     print(f"{args.dataset}: LM features {raw.shape} in {t1 - t0:.0f} s, heads {time.perf_counter() - t1:.0f} s; {res.attrs['split']}")
@@ -745,7 +812,8 @@ def _add_gpt_meta_parser(subparsers: Any) -> None:
         "gpt-meta",
         help="chapter 8, part 1: meta-learned user heads on LM item features (query AUC, nDCG@10)",
         description="Embed the catalogue's item texts with a causal LM (cached), then compare a global head, "
-        "per-user logistic regression, fine-tuning, MAML, FOMAML, ANIL, Reptile and a prototypical network "
+        "per-user logistic regression, fine-tuning, MAML, FOMAML, ANIL, Reptile, a prototypical network and a "
+        "Meta-SGD residual head (frozen global head + meta-learned per-user term, pairwise meta-objective) "
         "on the same new users for several support sizes k, plus new (text-only) films at k = 16.",
     )
     p.add_argument("--dataset", default="ml-latest-small", help="MovieLens release")
@@ -757,12 +825,609 @@ def _add_gpt_meta_parser(subparsers: Any) -> None:
     p.add_argument("--methods", nargs="+", default=list(HEAD_METHODS), choices=list(HEAD_METHODS))
     p.add_argument("--meta-steps", type=int, default=200, help="outer steps of MAML/FOMAML/ANIL/Reptile")
     p.add_argument("--min-item-count", type=int, default=25, help="catalogue: items with this many training ratings")
+    p.add_argument("--folds", type=int, default=0,
+                   help="also evaluate K-fold over users (chapter 8: 5); every method retrained per fold (0 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for this run")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", default=None, help="write the table to this .csv or .json file")
     p.set_defaults(func=_run_gpt_meta)
+
+
+# ----------------------------------------------------------------------------------- chapters 5, 7 and 8 on the same episodes
+
+RANKING_METHODS: dict[str, str] = {
+    "global_mean": "ch. 5: the training mean (every film ties)",
+    "item_mean": "ch. 5: damped mean rating of the film",
+    "mf_foldin": "ch. 5: matrix factorisation, user folded in from the support",
+    "net": "ch. 5: MeLU-style network, no adaptation",
+    "net_finetune": "ch. 5: the same network fine-tuned on the support",
+    "maml": "ch. 5: MAML",
+    "fomaml": "ch. 5: first-order MAML",
+    "melu": "ch. 5: MeLU (decision layers adapted)",
+    "reptile": "ch. 5: Reptile",
+    "protonet": "ch. 5: prototypical head",
+    "popularity": "ch. 7: how many training users rated the film",
+    "cooccurrence": "ch. 7: co-occurrence counts with the last m support films",
+    "item_gpt": "ch. 7: item-GPT next-film logit after reading the support films (in context)",
+    "head_global": "ch. 8: one like-head on LM text features for everybody",
+    "head_logreg": "ch. 8: per-user logistic regression on LM features, from scratch",
+    "head_finetune": "ch. 8: the global head fine-tuned on the support",
+    "head_maml": "ch. 8: MAML head",
+    "head_fomaml": "ch. 8: first-order MAML head",
+    "head_anil": "ch. 8: ANIL head (only the last layer adapted)",
+    "head_reptile": "ch. 8: Reptile head",
+    "head_proto": "ch. 8: prototypical network on LM features",
+    "head_residual": "ch. 8: Meta-SGD residual head (global head + per-user linear term)",
+}
+"""Methods of :func:`ranking_benchmark`: chapter 5's rating models (they rank the query films by
+predicted rating), chapter 7's id-based sequence models and chapter 8's like-heads on frozen LM text
+features."""
+
+RANKING_CHAPTER: dict[str, int] = {m: 5 if i < 10 else 7 if i < 13 else 8 for i, m in enumerate(RANKING_METHODS)}
+"""The chapter of each method of :data:`RANKING_METHODS` (5, 7 or 8)."""
+
+_CH7 = ("popularity", "cooccurrence", "item_gpt")
+_HEAD_OF = {"head_global": "global", "head_logreg": "logreg", "head_finetune": "finetune", "head_maml": "maml",
+            "head_fomaml": "fomaml", "head_anil": "anil", "head_reptile": "reptile", "head_proto": "proto",
+            "head_residual": "residual"}
+RANKING_METRICS: tuple[str, ...] = ("ndcg@3", "auc")
+"""Per-user metrics of :func:`ranking_metrics`: in-query nDCG@3 (graded) and like/dislike AUC."""
+
+RANKING_LIVE_SLICE: dict[str, Any] = {
+    "scenario": "user-cold", "shots": 10, "seeds": (0,),
+    "methods": ("popularity", "cooccurrence", "item_gpt", *_HEAD_OF),
+}
+"""The slice of the committed ranking sweep that chapter 10 re-runs live and ``tests/test_benchmark_results.py``
+re-computes: ``ranking_benchmark("ml-latest-small", **RANKING_LIVE_SLICE)`` with one CPU thread must
+reproduce ``benchmarks/results/ranking_user-cold_k10_per_user.csv`` (seed 0, these methods). Chapter 5's
+methods are left out: :data:`LIVE_SLICE` re-runs them already, and the test checks that the ranking files
+hold the same nDCG@3 for them as the coldstart files (same episodes, same models)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RankingConfig:
+    """Settings of :func:`ranking_benchmark` for chapters 7 and 8 (chapter 5's are :class:`ColdStartConfig`).
+
+    Chapter 7: ``vocab_min_count`` (a film is a GPT token when it has this many training ratings),
+    the GPT's size (``gpt_max_len``, ``gpt_embd``, ``gpt_layers``, ``gpt_heads``, ``gpt_dropout``),
+    ``gpt_members`` GPTs of seeds ``seed, seed + 1, ...`` trained in lockstep and averaged (chapter 7
+    averages two), their training (warm start from co-occurrence embeddings, AdamW ``gpt_lr``, ``gpt_batch``, at most
+    ``gpt_epochs`` epochs, early stopping after ``gpt_patience`` epochs without progress on the
+    validation episodes) and the co-occurrence grid (``cooc_windows`` x ``cooc_lasts``, chosen on the
+    validation episodes). Chapter 8: the LM (``lm``: None = the offline default), ``layers`` used for
+    the embeddings, PCA ``components``, the head catalogue (films with ``min_item_count`` training
+    ratings), ``d_proj``, training steps, the inner loop (``inner_steps``, ``inner_lr``), ``outer_lr``,
+    the Meta-SGD residual head (``residual_*``; validation users choose a meta-learned or a zero
+    start and the checkpoint), and the grids the validation users choose from (``logreg_l2s``,
+    ``finetune_grid``). These are the
+    settings of chapters 7 (``build_ch07``) and 8 (:func:`mrec_utils.gpt_meta.head_benchmark`); the
+    GPT trains for at most 10 epochs here (chapter 7 allows 20; with patience 2 both stop within the first few).
+    """
+
+    like_threshold: float = 4.0
+    vocab_min_count: int = 5
+    gpt_max_len: int = 50
+    gpt_embd: int = 64
+    gpt_layers: int = 2
+    gpt_heads: int = 2
+    gpt_dropout: float = 0.2
+    gpt_members: int = 2
+    gpt_epochs: int = 10
+    gpt_batch: int = 16
+    gpt_lr: float = 1e-3
+    gpt_patience: int = 2
+    cooc_windows: tuple[int, ...] = (1, 2, 5, 10)
+    cooc_lasts: tuple[int, ...] = (1, 2, 5, 10)
+    lm: str | None = None
+    layers: int = 8
+    components: int = 64
+    min_item_count: int = 25
+    d_proj: int = 32
+    global_steps: int = 300
+    meta_steps: int = 200
+    proto_steps: int = 300
+    inner_steps: int = 3
+    inner_lr: float = 0.1
+    outer_lr: float = 1e-3
+    residual_steps: int = 300
+    residual_init_lr: float = 0.01
+    residual_outer_lr: float = 3e-3
+    residual_outer_loss: str = "pairwise"
+    residual_eval_every: int = 100
+    logreg_l2s: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0)
+    finetune_grid: tuple[tuple[int, float], ...] = ((3, 0.1), (10, 0.1), (3, 0.3))
+
+
+def ranking_metrics(scores: Any, ratings: Any, mask: Any, like_threshold: float = 4.0) -> pd.DataFrame:
+    """Per-episode ranking quality of the query films.
+
+    Args:
+        scores: [T, Q] any method's scores (higher = ranked first); finite on real slots.
+        ratings: [T, Q] the query ratings; mask: [T, Q] bool, True on real query films.
+
+    Returns:
+        DataFrame, one row per episode: ``ndcg@3`` (gains ``2**r - 1``, tied scores averaged: chapter
+        5's in-query nDCG@3), ``auc`` (like = rating >= ``like_threshold``; tied scores count 1/2; NaN
+        when the query holds one class only), ``n_like``, ``n_query``.
+    """
+    from mrec_utils import metrics
+
+    s = np.asarray(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64)
+    y = np.asarray(ratings.detach().cpu() if isinstance(ratings, torch.Tensor) else ratings, dtype=np.float64)
+    m = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask, dtype=bool)
+    if s.ndim != 2 or s.shape != y.shape or s.shape != m.shape:
+        raise ValueError(f"scores, ratings and mask must have one shape [T, Q], got {s.shape}, {y.shape}, {m.shape}.")
+    if not np.isfinite(s[m]).all():
+        raise ValueError("scores contain NaN or inf on real query films.")
+    like = (y >= like_threshold) & m
+    aucs = [metrics.auc(like[t][m[t]], s[t][m[t]]) if 0 < like[t].sum() < m[t].sum() else np.nan for t in range(len(s))]
+    return pd.DataFrame({
+        "ndcg@3": metrics.ndcg_at_k_batch(np.where(m, y, 0), np.where(m, s, 0), 3, ties="average", mask=m),
+        "auc": np.array(aucs, dtype=np.float64), "n_like": like.sum(1), "n_query": m.sum(1),
+    })
+
+
+def _lowest_for_unknown(full: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Gather ``full [T, n_items]`` at ``idx [T, Q]``; unknown films (idx < 0) score below every known one."""
+    q = np.take_along_axis(full, np.clip(idx, 0, None), axis=1).astype(np.float64)
+    floor = full.min(axis=1, keepdims=True).astype(np.float64) - 1.0
+    return np.where(idx >= 0, q, floor)
+
+
+class _Ch7:
+    """Chapter 7's id-based models on one seed's split: vocabulary, popularity, co-occurrence, item-GPT."""
+
+    def __init__(self, d: Any, cfg: RankingConfig, methods: Sequence[str], progress: bool) -> None:
+        from mrec_utils import models
+
+        self.models, self.cfg = models, cfg
+        vocab = models.build_item_vocab(d.train, min_count=cfg.vocab_min_count)
+        self.index = pd.Index(vocab)
+        self.n = len(vocab)
+        self.train_seq = models.user_sequences(d.train, vocab, seed=d.seed)
+        self.pop = models.popularity_scores(self.train_seq, self.n)
+        self.fit: dict[str, float] = {"popularity": 0.0}
+        self.info: dict[str, Any] = {"vocabulary": self.n}
+        val_p, val_q = self.encode(d.val_episodes)
+        tst_p, tst_q = self.encode(d.test_episodes)
+        # does any evaluation episode have a known support film and a known query film?
+        self.useful = any(len(p) and (q >= 0).any() for p, q in zip(val_p + tst_p, list(val_q) + list(tst_q)))
+        self.info["test users with an empty prompt"] = int(sum(len(p) == 0 for p in tst_p))
+        self.info["test query films unknown to the GPT"] = float((tst_q < 0)[d.test.mask_query.cpu().numpy()].mean())
+        self.counts = self.last = self.gpt = None
+        if "cooccurrence" in methods and self.useful:
+            t0 = time.perf_counter()
+            y, m = d.val.y_query.cpu().numpy(), d.val.mask_query.cpu().numpy()
+            best = None
+            for w in cfg.cooc_windows:
+                counts = models.cooccurrence_counts(self.train_seq, self.n, window=w)
+                for last in cfg.cooc_lasts:
+                    v = float(np.nanmean(ranking_metrics(self._cooc(counts, last, val_p, val_q), y, m)["ndcg@3"]))
+                    if best is None or v > best[0] + 1e-12:
+                        best = (v, w, last, counts)
+            _, w, self.last, self.counts = best
+            self.info.update(cooc_window=w, cooc_last=self.last)
+            self.fit["cooccurrence"] = time.perf_counter() - t0
+        if "item_gpt" in methods and self.useful:
+            t0 = time.perf_counter()
+            warm = models.cooccurrence_embeddings(models.cooccurrence_counts(self.train_seq, self.n, window=5),
+                                                  dim=cfg.gpt_embd, seed=d.seed)
+            members = [models.make_item_gpt(self.n, max_len=cfg.gpt_max_len, n_embd=cfg.gpt_embd, n_layer=cfg.gpt_layers,
+                                            n_head=cfg.gpt_heads, dropout=cfg.gpt_dropout, seed=d.seed + i,
+                                            item_vectors=warm).to(d.device) for i in range(cfg.gpt_members)]
+            self.gpt = members[0] if len(members) == 1 else members  # a list: scores average the members' log-probabilities
+            # validation cases: each known query film of a validation episode, after its known support films
+            cases = [(p, int(t)) for p, q in zip(val_p, val_q) if len(p) for t in q if t >= 0]
+            val = ([c[0] for c in cases], np.array([c[1] for c in cases], dtype=np.int64)) if cases else None
+            log = models.train_item_gpt(self.gpt, self.train_seq, epochs=cfg.gpt_epochs, batch_size=cfg.gpt_batch,
+                                        lr=cfg.gpt_lr, seed=d.seed, val=val,
+                                        patience=cfg.gpt_patience if val else None, progress=progress)
+            self.info.update(gpt_best_epoch=log.best_epoch, gpt_epochs_run=len(log.losses))
+            self.fit["item_gpt"] = time.perf_counter() - t0
+
+    def encode(self, episodes: Sequence[Any]) -> tuple[list[np.ndarray], np.ndarray]:
+        """Support films as vocabulary indices in time order (unknown ones dropped), query films [T, Q] (-1 = unknown)."""
+        prompts = [(lambda r: r[r >= 0])(self.index.get_indexer(e.support_items)) for e in episodes]
+        width = max(len(e.query_items) for e in episodes)
+        q = np.full((len(episodes), width), -1, dtype=np.int64)
+        for t, e in enumerate(episodes):
+            q[t, : len(e.query_items)] = self.index.get_indexer(e.query_items)
+        return prompts, q
+
+    def _cooc(self, counts: np.ndarray, last: int, prompts: list[np.ndarray], q: np.ndarray) -> np.ndarray:
+        full = np.tile(1e-6 * self.pop / max(self.pop.max(), 1e-12), (len(prompts), 1))  # empty prompt: the tie-breaker
+        rows = [i for i, p in enumerate(prompts) if len(p)]
+        if rows:
+            full[rows] = self.models.cooccurrence_scores(counts, [prompts[i] for i in rows], last=last, popularity=self.pop)
+        return _lowest_for_unknown(full, q)
+
+    def scores(self, method: str, episodes: Sequence[Any]) -> np.ndarray:
+        prompts, q = self.encode(episodes)
+        if method == "popularity":
+            return _lowest_for_unknown(np.tile(self.pop, (len(prompts), 1)), q)
+        if not self.useful:  # no evaluation episode has a known film: nothing to rank with (all tie)
+            return np.zeros(q.shape)
+        if method == "cooccurrence":
+            return self._cooc(self.counts, self.last, prompts, q)
+        full = np.zeros((len(prompts), self.n), dtype=np.float32)  # empty prompt: every query film ties
+        rows = [i for i, p in enumerate(prompts) if len(p)]
+        if rows:
+            full[rows] = self.models.score_next_items(self.gpt, [prompts[i] for i in rows])
+        out = _lowest_for_unknown(full, q)
+        out[[i for i, p in enumerate(prompts) if not len(p)]] = 0.0
+        return out
+
+    def size(self, method: str) -> tuple[int, int]:
+        """(learned numbers, numbers adapted per user)."""
+        if method == "popularity":
+            return self.n, 0
+        if method == "cooccurrence":
+            return (int(np.count_nonzero(self.counts)) if self.counts is not None else 0), 0
+        members = [] if self.gpt is None else self.gpt if isinstance(self.gpt, list) else [self.gpt]
+        return sum(p.numel() for m in members for p in m.parameters()), 0
+
+
+class _Ch8:
+    """Chapter 8's like-heads on frozen LM text features for one seed's split."""
+
+    def __init__(self, d: Any, ml: Any, llm: Any, cfg: RankingConfig, methods: Sequence[str]) -> None:
+        from mrec_utils import data, gpt_meta as gm, lm
+
+        self.gm, self.cfg = gm, cfg
+        counts = d.train.item_id.value_counts()
+        catalogue = np.sort(counts.index[counts.to_numpy() >= cfg.min_item_count].to_numpy().astype(np.int64))
+        eps = list(d.val_episodes) + list(d.test_episodes)
+        need = np.unique(np.concatenate([catalogue] + [e.support_items for e in eps] + [e.query_items for e in eps]).astype(np.int64))
+        texts = data.item_text(ml.items, ml.tags).reindex(need)
+        if texts.isna().any():
+            raise ValueError(f"films without text: {need[texts.isna().to_numpy()][:5].tolist()}")
+        t0 = time.perf_counter()
+        raw = lm.embed_texts(texts.tolist(), llm, layers=cfg.layers, pooling="mean", normalize=True, progress=False)
+        self.embed_seconds, self.n_texts = time.perf_counter() - t0, len(need)
+        # PCA fitted on the head catalogue only, so an item's features do not depend on which episodes were drawn
+        feats = gm.lm_item_features(raw, n_components=cfg.components, fit_rows=np.searchsorted(need, catalogue))
+        dev = d.device
+        feat_t = torch.as_tensor(feats, device=dev)
+        pools = gm.rating_pools(d.train[d.train.item_id.isin(catalogue)], need)
+        self.val = gm.like_tasks(d.val_episodes, feats, need, cfg.like_threshold, device=dev)
+        self.feats, self.need = feats, need
+        val_auc = lambda s: float(np.nanmean(gm.evaluate_like(s, self.val).auc))  # noqa: E731
+        self.fit: dict[str, float] = {}
+        self.fn: dict[str, Callable[[Any], torch.Tensor]] = {}
+        self.info: dict[str, Any] = {"head catalogue": int(len(catalogue)), "texts embedded": int(len(need))}
+        t0 = time.perf_counter()
+        glob = gm.UserHead(feats.shape[1], d_proj=cfg.d_proj, seed=d.seed).to(dev)
+        gm.train_global_head(glob, pools, feat_t, steps=cfg.global_steps, seed=d.seed)
+        t_glob = time.perf_counter() - t0
+        self.heads: dict[str, Any] = {"global": glob}
+        self.fit["global"], self.fn["global"] = t_glob, lambda t: gm.adapt_and_score(glob, t, steps=0)
+        if "head_logreg" in methods:
+            t0 = time.perf_counter()
+            l2 = max(cfg.logreg_l2s, key=lambda v: val_auc(gm.logreg_scratch(self.val, l2=v)))
+            self.fit["logreg"], self.fn["logreg"] = time.perf_counter() - t0, lambda t: gm.logreg_scratch(t, l2=l2)
+            self.info["logreg_l2"] = l2
+        if "head_finetune" in methods:
+            t0 = time.perf_counter()
+            st, lr = max(cfg.finetune_grid, key=lambda s: val_auc(gm.adapt_and_score(glob, self.val, steps=s[0], inner_lr=s[1])))
+            self.fit["finetune"] = t_glob + time.perf_counter() - t0
+            self.fn["finetune"] = lambda t: gm.adapt_and_score(glob, t, steps=st, inner_lr=lr)
+            self.info["finetune"] = [st, lr]
+        for m in ("maml", "fomaml", "anil", "reptile"):
+            if f"head_{m}" in methods:
+                t0 = time.perf_counter()
+                h = copy.deepcopy(glob)
+                gm.meta_train_head(h, pools, feat_t, m, meta_steps=cfg.meta_steps, inner_steps=cfg.inner_steps,
+                                   inner_lr=cfg.inner_lr, outer_lr=cfg.outer_lr, seed=d.seed)
+                self.fit[m] = t_glob + time.perf_counter() - t0  # meta-training starts from the global head
+                self.heads[m] = h
+                self.fn[m] = (lambda h_, a_: lambda t: gm.adapt_and_score(h_, t, adapt=a_, steps=cfg.inner_steps,
+                                                                          inner_lr=cfg.inner_lr))(h, ["head"] if m == "anil" else "all")
+        if "head_residual" in methods:  # validation users choose a meta-learned or a zero start (chapter 8)
+            t0 = time.perf_counter()
+            kw = dict(meta_steps=cfg.residual_steps, inner_steps=cfg.inner_steps, init_lr=cfg.residual_init_lr,
+                      outer_lr=cfg.residual_outer_lr, outer_loss=cfg.residual_outer_loss, eval_every=cfg.residual_eval_every,
+                      val_tasks=[self.val], seed=d.seed)
+            cands = {}
+            for learn_init in (True, False):
+                rh = gm.ResidualUserHead(glob)
+                rlog, rlrs = gm.meta_train_residual(rh, pools, feat_t, learn_init=learn_init, **kw)
+                cands[learn_init] = (max(a for _, a in rlog.checkpoints), rh, rlrs)
+            best = max(cands, key=lambda v: cands[v][0])
+            _, rh, rlrs = cands[best]
+            self.fit["residual"] = t_glob + time.perf_counter() - t0
+            self.heads["residual"], self.info["residual_learn_init"], self.residual_lrs = rh, best, rlrs
+            self.fn["residual"] = lambda t: gm.adapt_and_score(rh, t, adapt=list(gm.ResidualUserHead.ADAPT),
+                                                               steps=cfg.inner_steps, lrs=rlrs)
+        if "head_proto" in methods:
+            t0 = time.perf_counter()
+            proto = gm.UserHead(feats.shape[1], d_proj=cfg.d_proj, seed=d.seed).to(dev)
+            gm.train_protonet(proto, pools, feat_t, steps=cfg.proto_steps, seed=d.seed)
+            self.fit["proto"], self.fn["proto"], self.heads["proto"] = time.perf_counter() - t0, lambda t: gm.protonet_scores(proto, t), proto
+
+    def tasks(self, episodes: Sequence[Any]) -> Any:
+        """Episodes -> :class:`mrec_utils.gpt_meta.LikeTasks` on the LM features."""
+        return self.gm.like_tasks(episodes, self.feats, self.need, self.cfg.like_threshold, device=self.val.x_support.device)
+
+    def size(self, method: str) -> tuple[int, int]:
+        """(learned numbers, numbers adapted per user); the frozen LM is counted apart."""
+        name = _HEAD_OF[method]
+        if name == "logreg":
+            return 0, int(self.feats.shape[1]) + 1
+        if name == "proto":
+            return sum(p.numel() for p in self.heads["proto"].body.parameters()), 0
+        model = self.heads.get(name, self.heads["global"])
+        n = sum(p.numel() for p in model.parameters())
+        if name == "global":
+            return n, 0
+        if name == "anil":
+            return n, sum(p.numel() for p in model.head.parameters())
+        if name == "residual":  # the frozen global head, the per-user start and one step size per adapted number
+            ad = sum(getattr(model, a).numel() for a in model.ADAPT)
+            return sum(p.numel() for p in model.base.parameters()) + ad + sum(v.numel() for v in self.residual_lrs.values()), ad
+        return n, n
+
+
+@dataclasses.dataclass
+class RankingResult:
+    """Output of :func:`ranking_benchmark`.
+
+    Attributes:
+        per_user: one row per (seed, method, test user): ``seed``, ``method``, ``chapter``, ``user_id``,
+            ``ndcg@3``, ``auc``, ``n_like``, ``n_query``.
+        summary: :func:`ranking_summary` of ``per_user`` (mean and 95% interval per method).
+        cost: one row per (seed, method): ``train s``, ``adapt ms / user``, ``parameters``, ``adapted / user``.
+        info: per seed, what was chosen on validation users and how much of the episodes each model knows.
+        settings: the run's arguments and configurations.
+    """
+
+    per_user: pd.DataFrame
+    summary: pd.DataFrame
+    cost: pd.DataFrame
+    info: dict
+    settings: dict
+
+
+def _ranking_order(methods: Sequence[str]) -> list[str]:
+    return [m for m in RANKING_METHODS if m in set(methods)]
+
+
+def ranking_summary(per_user: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Mean and 95% percentile-bootstrap interval of nDCG@3 and AUC per method (over (seed, user) pairs;
+    users whose query holds one class only are left out of the AUC)."""
+    need = {"seed", "method", "user_id", *RANKING_METRICS}
+    if not isinstance(per_user, pd.DataFrame) or not need <= set(per_user.columns):
+        raise ValueError(f"per_user must be a DataFrame with the columns {sorted(need)} (ranking_benchmark's per_user).")
+    keys = [c for c in ("scenario", "k") if c in per_user.columns] + ["method"]
+    return _mean_interval_table(per_user, keys, RANKING_METRICS, _ranking_order(per_user["method"].unique()), n_boot, seed)
+
+
+def ranking_benchmark(
+    dataset: Any = "ml-latest-small",
+    scenario: str = "user-cold",
+    shots: int = 10,
+    seeds: Sequence[int] = (0,),
+    methods: Sequence[str] | None = None,
+    *,
+    config: RankingConfig | None = None,
+    coldstart_config: Any = None,
+    data_dir: Any = None,
+    llm: Any = None,
+    progress: bool = False,
+    **split_kwargs: Any,
+) -> RankingResult:
+    """Chapters 5, 7 and 8 on chapter 5's episodes: every method ranks every test user's query films.
+
+    Per seed, :func:`mrec_utils.coldstart.prepare_data` draws the split and the episodes exactly as
+    ``benchmark coldstart`` does (k support and 10 query ratings per test user). Then every method
+    scores the query films of every test episode, knowing only the training ratings and the episode's
+    k support ratings:
+
+    * chapter 5's rating models (:func:`mrec_utils.coldstart.fit_method`): the predicted rating;
+    * chapter 7 (:mod:`mrec_utils.models`), with films as tokens of a vocabulary of films with
+      ``vocab_min_count`` training ratings: ``popularity``; ``cooccurrence`` with the support films
+      (window and history length chosen on validation episodes); ``item_gpt``: the next-film score
+      of chapter 7's GPT (``gpt_members`` of them, log-probabilities averaged) after reading the
+      support films in time order (no gradient step). A film outside the
+      vocabulary (every new film of item-cold) has no token: it scores below every known film, ties
+      with the other unknown ones, and a support film outside it is left out of the prompt. With an
+      empty prompt the GPT is not asked and every query film ties; when no evaluation episode has a
+      known support and query film, the GPT is not trained (its scores would all tie anyway);
+    * chapter 8 (:mod:`mrec_utils.gpt_meta`): like-heads on frozen LM embeddings of the films' text
+      (:func:`mrec_utils.lm.embed_texts`, ``layers`` blocks, cached on disk), adapted on the k
+      support like/dislike labels; trained on the training ratings of films with ``min_item_count``
+      training ratings; every film of the episodes has a text, so new films are scored too.
+
+    Metrics (:func:`ranking_metrics`): in-query nDCG@3 with graded gains, and like/dislike AUC.
+
+    Args:
+        dataset: a MovieLens release name (or a loaded :class:`mrec_utils.data.MovieLens`).
+        scenario, shots, seeds: as for :func:`mrec_utils.coldstart.run_coldstart` (shots an int).
+        methods: keys of :data:`RANKING_METHODS` (default: all).
+        config: :class:`RankingConfig`; coldstart_config: :class:`mrec_utils.coldstart.ColdStartConfig`.
+        llm: a loaded LM (:func:`mrec_utils.lm.load_causal_lm`); default: ``config.lm`` loaded on the
+            data's device (only when a chapter-8 method runs).
+        split_kwargs: passed to :func:`mrec_utils.tasks.make_split` (as in ``run_coldstart``).
+
+    Returns:
+        :class:`RankingResult`.
+    """
+    from mrec_utils import coldstart, data, lm as mlm
+
+    methods = list(RANKING_METHODS) if methods is None else list(methods)
+    if isinstance(methods, str) or not methods or any(m not in RANKING_METHODS for m in methods):
+        raise ValueError(f"methods must be a non-empty list of {', '.join(RANKING_METHODS)}; got {methods!r}.")
+    if len(set(methods)) != len(methods):
+        raise ValueError("methods contains duplicates.")
+    methods = _ranking_order(methods)
+    scenario = coldstart._check_scenario(scenario)
+    if isinstance(shots, bool) or not isinstance(shots, (int, np.integer)) or shots < 1:
+        raise ValueError(f"shots must be an int >= 1 (the support size k), got {shots!r}.")
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError("seeds must be a non-empty list of distinct ints >= 0.")
+    cfg = RankingConfig() if config is None else config
+    if not isinstance(cfg, RankingConfig):
+        raise TypeError(f"config must be a RankingConfig, got {type(cfg).__name__}.")
+    if isinstance(cfg.gpt_members, bool) or not isinstance(cfg.gpt_members, int) or cfg.gpt_members < 1:
+        raise ValueError(f"RankingConfig.gpt_members must be an int >= 1, got {cfg.gpt_members!r}.")
+    ccfg = coldstart.ColdStartConfig() if coldstart_config is None else coldstart_config
+    ml = data.load_movielens(dataset, data_dir) if isinstance(dataset, str) else dataset
+    if not isinstance(ml, data.MovieLens):
+        raise TypeError("dataset must be a release name or a MovieLens object (data.load_movielens).")
+    ch5 = [m for m in methods if RANKING_CHAPTER[m] == 5]
+    ch7 = [m for m in methods if RANKING_CHAPTER[m] == 7]
+    ch8 = [m for m in methods if RANKING_CHAPTER[m] == 8]
+    rows, cost, info = [], [], {}
+    for seed in seeds:
+        d = coldstart.prepare_data(ml.ratings, ml.items, ml.users, scenario, int(shots), seed, ccfg, **split_kwargs)
+        et, lo, hi = d.test, *d.rating_range
+        y, mask = et.y_query.cpu().numpy(), et.mask_query.cpu().numpy()
+        scorers: dict[str, tuple[Callable[[], Any], float, tuple[int, int]]] = {}
+        cache: dict = {}
+        for m in ch5:
+            f = coldstart.fit_method(m, d, cache)
+            # sizes: chapter 5's cost table (``benchmark cost``) has them
+            scorers[m] = ((lambda f_: lambda: np.clip(f_.predict(et, False)[0], lo, hi))(f), f.seconds, (None, None))
+        info[seed] = {}
+        if ch7:
+            c7 = _Ch7(d, cfg, ch7, progress)
+            info[seed].update(c7.info)
+            for m in ch7:
+                scorers[m] = ((lambda m_: lambda: c7.scores(m_, d.test_episodes))(m), c7.fit.get(m, 0.0), c7.size(m))
+        if ch8:
+            llm = mlm.load_causal_lm(cfg.lm, device=d.device) if llm is None else llm
+            c8 = _Ch8(d, ml, llm, cfg, ch8)
+            info[seed].update(c8.info, embed_seconds=c8.embed_seconds)
+            info[seed]["frozen LM parameters"] = int(sum(p.numel() for p in llm.model.parameters()))
+            for m in ch8:
+                h = _HEAD_OF[m]
+                scorers[m] = ((lambda h_: lambda: c8.fn[h_](c8.tasks(d.test_episodes)))(h), c8.fit[h], c8.size(m))
+        for m in methods:
+            fn, fit_s, (n_par, n_ad) = scorers[m]
+            _sync(d.device)
+            t0 = time.perf_counter()
+            s = fn()
+            _sync(d.device)
+            secs = time.perf_counter() - t0
+            s = np.asarray(s.detach().cpu() if isinstance(s, torch.Tensor) else s, dtype=np.float64)
+            if s.shape != y.shape:
+                raise RuntimeError(f"{m} returned scores of shape {s.shape}, expected {y.shape}.")
+            ev = ranking_metrics(s, y, mask, cfg.like_threshold)
+            ev.insert(0, "user_id", et.user_ids)
+            ev.insert(0, "chapter", RANKING_CHAPTER[m])
+            ev.insert(0, "method", m)
+            ev.insert(0, "seed", seed)
+            rows.append(ev)
+            cost.append({"seed": seed, "method": m, "train s": float(fit_s), "adapt ms / user": 1e3 * secs / len(et),
+                         "parameters": None if n_par is None else int(n_par),
+                         "adapted / user": None if n_ad is None else int(n_ad)})
+    per_user = pd.concat(rows, ignore_index=True)
+    settings = dict(dataset=ml.name, scenario=scenario, shots=int(shots), seeds=seeds, methods=methods,
+                    config=dataclasses.asdict(cfg), coldstart_config=dataclasses.asdict(ccfg), split_kwargs=split_kwargs)
+    return RankingResult(per_user, ranking_summary(per_user), pd.DataFrame(cost), info, settings)
+
+
+def load_ranking_per_user(paths: Sequence[str | Path]) -> pd.DataFrame:
+    """Read the ``ranking_*_per_user.csv`` files of several ``ranking`` runs (each next to its JSON of
+    the same stem, which names the scenario and k) into one frame with ``scenario`` and ``k`` columns."""
+    return load_coldstart_per_user(paths)
+
+
+def _format_ranking(summary: pd.DataFrame) -> pd.DataFrame:
+    out = pd.DataFrame(index=summary.index)
+    out["chapter"] = [RANKING_CHAPTER[m] for m in summary.index.get_level_values("method")]
+    for c, name in (("ndcg@3", "nDCG@3"), ("auc", "AUC")):
+        out[f"{name} [95% CI]"] = [f"{r[c]:.3f} [{r[c + ' low']:.3f}, {r[c + ' high']:.3f}]" for _, r in summary.iterrows()]
+    out["users"] = summary["users"].astype(int)
+    return out
+
+
+def _run_ranking(args: argparse.Namespace) -> int:
+    from mrec_utils import coldstart
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}.")
+        torch.set_num_threads(args.threads)
+    for out in (args.out, args.per_user):
+        if out and Path(out).suffix.lower() not in ((".csv", ".json") if out is args.out else (".csv",)):
+            raise ValueError(f"--out must end in .csv or .json and --per-user in .csv, got {out!r}.")
+    if not args.shots.isdigit():
+        raise ValueError(f"--shots must be a positive int (the support size k), got {args.shots!r}.")
+    ccfg = coldstart.ColdStartConfig() if not args.device else coldstart.ColdStartConfig(device=args.device)
+    cfg = RankingConfig() if args.lm is None else RankingConfig(lm=args.lm)
+    t0 = time.perf_counter()
+    res = ranking_benchmark(args.dataset, args.scenario, int(args.shots), seeds=args.seeds, methods=args.methods,
+                            config=cfg, coldstart_config=ccfg, data_dir=args.data_dir, progress=not args.no_progress)
+    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_rows", 200):
+        print(_format_ranking(res.summary).to_string())
+        print(res.cost.groupby("method", sort=False)[["train s", "adapt ms / user", "parameters", "adapted / user"]].mean()
+              .round(3).to_string())
+    print(f"{res.settings['dataset']}, {args.scenario}, k={args.shots}, seeds={list(args.seeds)}: {time.perf_counter() - t0:.0f} s")
+    for seed, inf in res.info.items():
+        print(f"seed {seed}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in inf.items()))
+    if args.out:
+        df = res.summary.reset_index()
+        df.attrs = {"settings": res.settings, "info": {str(k): v for k, v in res.info.items()},
+                    "cost": json.loads(res.cost.to_json(orient="records")), "threads": torch.get_num_threads(),
+                    "loadavg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
+        print(f"wrote {_write_out(df, args.out)}")
+    if args.per_user:
+        Path(args.per_user).parent.mkdir(parents=True, exist_ok=True)
+        res.per_user.to_csv(args.per_user, index=False)
+        print(f"wrote {args.per_user}")
+    return 0
+
+
+def _add_ranking_parser(subparsers: Any) -> None:
+    from mrec_utils.coldstart import SCENARIOS
+
+    p = subparsers.add_parser(
+        "ranking", help="chapters 5, 7 and 8 on chapter 5's episodes: in-query nDCG@3 and like/dislike AUC",
+        description="Rank every test user's query films with chapter 5's rating models, chapter 7's popularity, "
+        "co-occurrence and item-GPT (in context) and chapter 8's like-heads on LM text features, all on the "
+        "episodes of `benchmark coldstart` (same scenario, k and seeds); report in-query nDCG@3 and AUC.")
+    p.add_argument("--dataset", default="ml-latest-small", help="MovieLens release")
+    p.add_argument("--data-dir", default=None, help="folder holding the release (default: MREC_DATA_DIR, then the cache)")
+    p.add_argument("--scenario", default="user-cold", help=f"one of {', '.join(SCENARIOS)}")
+    p.add_argument("--shots", default="10", help="support size k (5, 10, 20)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=None, help=f"subset of: {' '.join(RANKING_METHODS)} (default: all)")
+    p.add_argument("--lm", default=None, help="language model for chapter 8's features (default: the offline SmolLM2)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for this run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", default=None, help="write the summary (and the settings, choices, costs) to this .json or .csv")
+    p.add_argument("--per-user", default=None, help="also write the per-user metrics to this .csv file")
+    p.set_defaults(func=_run_ranking)
+
+
+def _run_ranking_report(args: argparse.Namespace) -> int:
+    folder = Path(args.results)
+    files = sorted(folder.glob("ranking_*_per_user.csv"))
+    if not files:
+        raise FileNotFoundError(f"no ranking_*_per_user.csv in {folder}; run benchmarks/run_all.sh first.")
+    rep = ranking_summary(load_ranking_per_user(files), seed=args.seed)
+    rep.attrs = {"files": [f.name for f in files], "interval": "95% percentile bootstrap over (seed, test user) pairs"}
+    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_rows", 500):
+        print(_format_ranking(rep).to_string())
+    if args.out:
+        for p in _write_table(rep, args.out):
+            print(f"wrote {p}")
+    return 0
+
+
+def _add_ranking_report_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "ranking-report", help="chapter 10's ranking table: mean and 95%% interval per scenario x k x method",
+        description="Aggregate the per-user files of several ranking runs (ranking_*_per_user.csv next to their "
+        "--out .json) into one table: mean and 95 percent bootstrap interval of nDCG@3 and AUC.")
+    p.add_argument("--results", default="benchmarks/results", help="folder holding the ranking_* files")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--out", default=None, help="write the table to this .csv and the matching .json")
+    p.set_defaults(func=_run_ranking_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -774,6 +1439,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report_parser(subparsers)
     _add_cost_parser(subparsers)
     _add_gpt_meta_parser(subparsers)
+    _add_ranking_parser(subparsers)
+    _add_ranking_report_parser(subparsers)
     return parser
 
 

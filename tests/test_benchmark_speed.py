@@ -19,7 +19,7 @@ COLUMNS = ["method", "description", "order", "meta_steps_per_s", "median_ms", "m
 
 
 def test_speed_benchmark_table_and_gradient_agreement():
-    methods = ["vmap", "loop", "vmap_first_order"] + (["higher"] if HAS_HIGHER else [])
+    methods = ["vmap", "loop", "vmap_first_order", "bmm"] + (["higher"] if HAS_HIGHER else [])
     df = benchmark.speed_benchmark(methods=methods, **TINY)
     assert list(df.columns) == COLUMNS
     assert list(df["method"]) == methods
@@ -67,3 +67,22 @@ def test_speed_benchmark_rejects_bad_arguments():
         benchmark.speed_benchmark(**dict(TINY, repeats=0))
     with pytest.raises(SystemExit):
         benchmark.main(["nonsense"])
+
+
+def test_hand_batched_reference_is_the_second_order_meta_gradient():
+    """(e) accumulates the same meta-gradient as the plain loop, in float64 to tight tolerance."""
+    from mrec_utils import meta
+
+    torch.manual_seed(1)
+    model = benchmark._melu_mlp(6, 5).double()
+    batch = benchmark._random_batch(4, 5, 3, 6, 1, torch.device("cpu"), torch.float64)
+    p, f = meta.split_params(model)
+    kw = dict(loss_fn=meta.mse_loss_per_example, steps=3, inner_lr=0.3)
+    loss, ref = meta.meta_gradient(model, p, f, batch, vectorize=False, **kw)
+    got_loss = benchmark._bmm_backward(model, batch, 3, 0.3)
+    assert float(got_loss) == pytest.approx(float(loss), rel=1e-12)
+    got = benchmark._grad_dict(model)
+    abs_d, rel_d = benchmark._grad_diff(got, ref)
+    assert rel_d < 1e-10, (abs_d, rel_d)
+    _, fo = meta.meta_gradient(model, p, f, batch, first_order=True, **kw)
+    assert benchmark._grad_diff(got, fo)[1] > 1e-4  # and it is not the first-order one
