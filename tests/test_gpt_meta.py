@@ -277,7 +277,8 @@ def test_metaemb_loss_gradient_flows_through_the_warm_up_step():
     ce = lambda e, h, z: (torch.logaddexp((h * e[:, None]).sum(-1), z) - (h * e[:, None]).sum(-1)).mean(1)  # noqa: E731
     (ge,) = torch.autograd.grad(ce(e0, h_a, z_a).sum(), e0)
     want_b = ce(e0 - 0.7 * ge, h_b, z_b).mean()
-    assert float(lb) == pytest.approx(float(want_b)) and float(loss.detach()) == pytest.approx(0.2 * float(la) + 0.8 * float(want_b))
+    assert float(lb.detach()) == pytest.approx(float(want_b.detach()))
+    assert float(loss.detach()) == pytest.approx(0.2 * float(la.detach()) + 0.8 * float(want_b.detach()))
     # gradient w.r.t. the generator: second order matches finite differences, first order differs
     w = g.net[2].weight
     (g2,) = torch.autograd.grad(loss, w)
@@ -286,10 +287,10 @@ def test_metaemb_loss_gradient_flows_through_the_warm_up_step():
     for idx in np.ndindex(*w.shape):
         with torch.no_grad():
             w[idx] += 1e-6
-        up = float(gm.metaemb_loss(g, x, h_a, z_a, m, h_b, z_b, m, **kw)[0])
+        up = float(gm.metaemb_loss(g, x, h_a, z_a, m, h_b, z_b, m, **kw)[0].detach())
         with torch.no_grad():
             w[idx] -= 2e-6
-        down = float(gm.metaemb_loss(g, x, h_a, z_a, m, h_b, z_b, m, **kw)[0])
+        down = float(gm.metaemb_loss(g, x, h_a, z_a, m, h_b, z_b, m, **kw)[0].detach())
         with torch.no_grad():
             w[idx] += 1e-6
         fd[idx] = (up - down) / 2e-6
@@ -514,8 +515,8 @@ def test_meta_train_residual_pairwise_and_zero_start_options():
     res = gm.ResidualUserHead(gm.UserHead(8, d_proj=4, seed=0))
     log, lrs = gm.meta_train_residual(res, pools, torch.from_numpy(feats), meta_steps=3, n_tasks=4, k_choices=(3, 5), n_query=4,
                                       learn_init=False, per_coordinate=False, outer_loss="pairwise")
-    assert torch.equal(res.user_w, torch.zeros(8)) and float(res.user_b) == 0.0  # the start stays at zero
-    assert lrs["user_w"].shape == () and lrs["user_b"].shape == () and float(lrs["user_w"]) != 0.01  # step sizes learned
+    assert torch.equal(res.user_w, torch.zeros(8)) and float(res.user_b.detach()) == 0.0  # the start stays at zero
+    assert lrs["user_w"].shape == () and lrs["user_b"].shape == () and float(lrs["user_w"].detach()) != 0.01  # step sizes learned
     assert log.best_step is None and not log.checkpoints and len(log.losses) == 3
     with pytest.raises(ValueError, match="outer_loss"):
         gm.meta_train_residual(res, pools, torch.from_numpy(feats), meta_steps=1, outer_loss="auc")
