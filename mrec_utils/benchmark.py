@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from mrec_utils import meta
+from mrec_utils.gpt_meta import HeadSettings
 
 __all__ = ["SPEED_METHODS", "speed_benchmark", "REPORT_METRICS", "LIVE_SLICE", "load_coldstart_per_user", "coldstart_report",
            "coldstart_cost", "RANKING_METHODS", "RANKING_CHAPTER", "RANKING_METRICS", "RANKING_LIVE_SLICE", "RankingConfig",
@@ -886,6 +887,9 @@ methods are left out: :data:`LIVE_SLICE` re-runs them already, and the test chec
 hold the same nDCG@3 for them as the coldstart files (same episodes, same models)."""
 
 
+_HEADS = HeadSettings()
+
+
 @dataclasses.dataclass(frozen=True)
 class RankingConfig:
     """Settings of :func:`ranking_benchmark` for chapters 7 and 8 (chapter 5's are :class:`ColdStartConfig`).
@@ -902,7 +906,7 @@ class RankingConfig:
     the Meta-SGD residual head (``residual_*``; validation users choose a meta-learned or a zero
     start and the checkpoint), and the grids the validation users choose from (``logreg_l2s``,
     ``finetune_grid``). These are the
-    settings of chapters 7 (``build_ch07``) and 8 (:func:`mrec_utils.gpt_meta.head_benchmark`); the
+    settings of chapters 7 and 8 (the heads' defaults are :class:`mrec_utils.gpt_meta.HeadSettings`); the
     GPT trains for at most 10 epochs here (chapter 7 allows 20; with patience 2 both stop within the first few).
     """
 
@@ -924,20 +928,25 @@ class RankingConfig:
     layers: int = 8
     components: int = 64
     min_item_count: int = 25
-    d_proj: int = 32
-    global_steps: int = 300
-    meta_steps: int = 200
-    proto_steps: int = 300
-    inner_steps: int = 3
-    inner_lr: float = 0.1
-    outer_lr: float = 1e-3
-    residual_steps: int = 300
-    residual_init_lr: float = 0.01
-    residual_outer_lr: float = 3e-3
-    residual_outer_loss: str = "pairwise"
-    residual_eval_every: int = 100
-    logreg_l2s: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0)
-    finetune_grid: tuple[tuple[int, float], ...] = ((3, 0.1), (10, 0.1), (3, 0.3))
+    # the heads' settings, defaults from chapter 8's HeadSettings (one source for both)
+    d_proj: int = _HEADS.d_proj
+    global_steps: int = _HEADS.global_steps
+    meta_steps: int = _HEADS.meta_steps
+    proto_steps: int = _HEADS.proto_steps
+    inner_steps: int = _HEADS.inner_steps
+    inner_lr: float = _HEADS.inner_lr
+    outer_lr: float = _HEADS.outer_lr
+    residual_steps: int = _HEADS.residual_steps
+    residual_init_lr: float = _HEADS.residual_init_lr
+    residual_outer_lr: float = _HEADS.residual_outer_lr
+    residual_outer_loss: str = _HEADS.residual_outer_loss
+    residual_eval_every: int = _HEADS.residual_eval_every
+    logreg_l2s: tuple[float, ...] = _HEADS.logreg_l2s
+    finetune_grid: tuple[tuple[int, float], ...] = _HEADS.finetune_grid
+
+    def head_settings(self) -> HeadSettings:
+        """The heads' fields as :class:`mrec_utils.gpt_meta.HeadSettings` (for :func:`~mrec_utils.gpt_meta.fit_heads`)."""
+        return HeadSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(HeadSettings)})
 
 
 def ranking_metrics(scores: Any, ratings: Any, mask: Any, like_threshold: float = 4.0) -> pd.DataFrame:
@@ -1093,58 +1102,26 @@ class _Ch8:
         pools = gm.rating_pools(d.train[d.train.item_id.isin(catalogue)], need)
         self.val = gm.like_tasks(d.val_episodes, feats, need, cfg.like_threshold, device=dev)
         self.feats, self.need = feats, need
-        val_auc = lambda s: float(np.nanmean(gm.evaluate_like(s, self.val).auc))  # noqa: E731
-        self.fit: dict[str, float] = {}
-        self.fn: dict[str, Callable[[Any], torch.Tensor]] = {}
         self.info: dict[str, Any] = {"head catalogue": int(len(catalogue)), "texts embedded": int(len(need))}
-        t0 = time.perf_counter()
-        glob = gm.UserHead(feats.shape[1], d_proj=cfg.d_proj, seed=d.seed).to(dev)
-        gm.train_global_head(glob, pools, feat_t, steps=cfg.global_steps, seed=d.seed)
-        t_glob = time.perf_counter() - t0
-        self.heads: dict[str, Any] = {"global": glob}
-        self.fit["global"], self.fn["global"] = t_glob, lambda t: gm.adapt_and_score(glob, t, steps=0)
-        if "head_logreg" in methods:
-            t0 = time.perf_counter()
-            l2 = max(cfg.logreg_l2s, key=lambda v: val_auc(gm.logreg_scratch(self.val, l2=v)))
-            self.fit["logreg"], self.fn["logreg"] = time.perf_counter() - t0, lambda t: gm.logreg_scratch(t, l2=l2)
-            self.info["logreg_l2"] = l2
-        if "head_finetune" in methods:
-            t0 = time.perf_counter()
-            st, lr = max(cfg.finetune_grid, key=lambda s: val_auc(gm.adapt_and_score(glob, self.val, steps=s[0], inner_lr=s[1])))
-            self.fit["finetune"] = t_glob + time.perf_counter() - t0
-            self.fn["finetune"] = lambda t: gm.adapt_and_score(glob, t, steps=st, inner_lr=lr)
-            self.info["finetune"] = [st, lr]
-        for m in ("maml", "fomaml", "anil", "reptile"):
-            if f"head_{m}" in methods:
-                t0 = time.perf_counter()
-                h = copy.deepcopy(glob)
-                gm.meta_train_head(h, pools, feat_t, m, meta_steps=cfg.meta_steps, inner_steps=cfg.inner_steps,
-                                   inner_lr=cfg.inner_lr, outer_lr=cfg.outer_lr, seed=d.seed)
-                self.fit[m] = t_glob + time.perf_counter() - t0  # meta-training starts from the global head
-                self.heads[m] = h
-                self.fn[m] = (lambda h_, a_: lambda t: gm.adapt_and_score(h_, t, adapt=a_, steps=cfg.inner_steps,
-                                                                          inner_lr=cfg.inner_lr))(h, ["head"] if m == "anil" else "all")
-        if "head_residual" in methods:  # validation users choose a meta-learned or a zero start (chapter 8)
-            t0 = time.perf_counter()
-            kw = dict(meta_steps=cfg.residual_steps, inner_steps=cfg.inner_steps, init_lr=cfg.residual_init_lr,
-                      outer_lr=cfg.residual_outer_lr, outer_loss=cfg.residual_outer_loss, eval_every=cfg.residual_eval_every,
-                      val_tasks=[self.val], seed=d.seed)
-            cands = {}
-            for learn_init in (True, False):
-                rh = gm.ResidualUserHead(glob)
-                rlog, rlrs = gm.meta_train_residual(rh, pools, feat_t, learn_init=learn_init, **kw)
-                cands[learn_init] = (max(a for _, a in rlog.checkpoints), rh, rlrs)
-            best = max(cands, key=lambda v: cands[v][0])
-            _, rh, rlrs = cands[best]
-            self.fit["residual"] = t_glob + time.perf_counter() - t0
-            self.heads["residual"], self.info["residual_learn_init"], self.residual_lrs = rh, best, rlrs
-            self.fn["residual"] = lambda t: gm.adapt_and_score(rh, t, adapt=list(gm.ResidualUserHead.ADAPT),
-                                                               steps=cfg.inner_steps, lrs=rlrs)
-        if "head_proto" in methods:
-            t0 = time.perf_counter()
-            proto = gm.UserHead(feats.shape[1], d_proj=cfg.d_proj, seed=d.seed).to(dev)
-            gm.train_protonet(proto, pools, feat_t, steps=cfg.proto_steps, seed=d.seed)
-            self.fit["proto"], self.fn["proto"], self.heads["proto"] = time.perf_counter() - t0, lambda t: gm.protonet_scores(proto, t), proto
+        heads = gm.fit_heads(pools, feat_t, [self.val], [_HEAD_OF[m] for m in methods if m in _HEAD_OF],
+                             cfg.head_settings(), seed=d.seed)
+        sec, ch = heads.seconds, heads.choices
+        self.fn, self.heads = heads.scorers, heads.heads
+        # what a method costs to fit: the meta-learners and fine-tuning start from the global head
+        self.fit: dict[str, float] = {"global": sec["global"]}
+        for name, key in (("logreg", "logreg (choice)"), ("proto", "proto")):
+            if key in sec:
+                self.fit[name] = sec[key]
+        for name, key in (("finetune", "finetune (choice)"), ("maml", "maml"), ("fomaml", "fomaml"), ("anil", "anil"),
+                          ("reptile", "reptile"), ("residual", "residual")):
+            if key in sec:
+                self.fit[name] = sec["global"] + sec[key]
+        if "logreg_l2" in ch:
+            self.info["logreg_l2"] = ch["logreg_l2"]
+        if "finetune" in ch:
+            self.info["finetune"] = list(ch["finetune"])
+        if "residual_learn_init" in ch:
+            self.info["residual_learn_init"], self.residual_lrs = ch["residual_learn_init"], ch["residual_lrs"]
 
     def tasks(self, episodes: Sequence[Any]) -> Any:
         """Episodes -> :class:`mrec_utils.gpt_meta.LikeTasks` on the LM features."""

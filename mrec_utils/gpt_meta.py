@@ -31,6 +31,7 @@ tensors/parameters passed in.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -82,6 +83,9 @@ __all__ = [
     "warm_up_embeddings",
     "new_item_metrics",
     "HEAD_METHODS",
+    "HeadSettings",
+    "FittedHeads",
+    "fit_heads",
     "head_benchmark",
 ]
 
@@ -553,8 +557,6 @@ class ResidualUserHead(nn.Module):
         super().__init__()
         if not isinstance(base, UserHead):
             raise TypeError(f"base must be a trained UserHead, got {type(base).__name__}.")
-        import copy
-
         self.base = copy.deepcopy(base)
         for p in self.base.parameters():
             p.requires_grad_(False)
@@ -1591,6 +1593,143 @@ HEAD_METHODS: tuple[str, ...] = ("global", "logreg", "finetune", "maml", "fomaml
 """Method names of :func:`head_benchmark`, in the order of chapter 8's tables."""
 
 
+@dataclass(frozen=True)
+class HeadSettings:
+    """Chapter 8's settings for the user heads, in one place (:func:`fit_heads`, :func:`head_benchmark`
+    and chapter 10's ranking benchmark use them).
+
+    ``d_proj`` (the heads' projection width), training steps of the global head, the MAML-family
+    heads and the prototypical head, their inner loop (``inner_steps``, ``inner_lr``) and ``outer_lr``;
+    the Meta-SGD residual head (``residual_*``); and the grids from which validation users choose the
+    logistic-regression penalty (``logreg_l2s``) and the fine-tuning (steps, lr) (``finetune_grid``).
+    """
+
+    d_proj: int = 32
+    global_steps: int = 300
+    meta_steps: int = 200
+    proto_steps: int = 300
+    inner_steps: int = 3
+    inner_lr: float = 0.1
+    outer_lr: float = 1e-3
+    residual_steps: int = 300
+    residual_init_lr: float = 0.01
+    residual_outer_lr: float = 3e-3
+    residual_outer_loss: str = "pairwise"
+    residual_eval_every: int = 100
+    logreg_l2s: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0)
+    finetune_grid: tuple[tuple[int, float], ...] = ((3, 0.1), (10, 0.1), (3, 0.3))
+
+
+@dataclass
+class FittedHeads:
+    """Output of :func:`fit_heads`.
+
+    Attributes:
+        scorers: ``{method: scorer}``; ``scorer(tasks) -> [T, Q]`` query scores after adaptation.
+        seconds: training seconds per method (the global head's own time under ``"global"``; the
+            meta-learners start from it, so their total cost adds it); validation choices are timed
+            apart as ``"<method> (choice)"``.
+        heads: the trained modules by method (logistic regression has none).
+        choices: what validation chose: ``logreg_l2``, ``finetune`` (steps, lr), ``residual_learn_init``,
+            and ``residual_lrs`` (the residual head's learned step sizes).
+    """
+
+    scorers: dict[str, Callable[["LikeTasks"], Tensor]]
+    seconds: dict[str, float]
+    heads: dict[str, nn.Module]
+    choices: dict[str, Any]
+
+
+def fit_heads(
+    pools: Sequence[tuple[np.ndarray, np.ndarray]],
+    features: Tensor,
+    val: Sequence["LikeTasks"],
+    methods: Sequence[str] = HEAD_METHODS,
+    settings: HeadSettings = HeadSettings(),
+    *,
+    choices: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> FittedHeads:
+    """Train chapter 8's user heads on training ratings and return one scorer per method.
+
+    The global head is trained first; fine-tuning, MAML, FOMAML, ANIL, Reptile and the residual
+    head start from it. Validation tasks choose, unless ``choices`` fixes them: the logistic-regression
+    penalty and the fine-tuning (steps, lr) on ``val[0]``'s mean query AUC, and whether the residual
+    head's start is meta-learned (both candidates are trained with early stopping on all of ``val``;
+    the better one is kept, not retrained).
+
+    Args:
+        pools: per training user ``(catalogue rows, ratings)`` (:func:`rating_pools`).
+        features: [n_items, D] item features on the heads' device.
+        val: validation :class:`LikeTasks` (one or more draws); never trained on.
+        methods: a subset of :data:`HEAD_METHODS` (``"global"`` is always trained).
+        choices: ``{"logreg_l2", "finetune", "residual_learn_init"}`` to reuse earlier choices (e.g.
+            in every fold of :func:`kfold_like_auc`).
+    """
+    unknown = [m for m in methods if m not in HEAD_METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(HEAD_METHODS)}.")
+    val = list(val)
+    if not val or not all(isinstance(t, LikeTasks) for t in val):
+        raise TypeError("val must be a non-empty list of LikeTasks (validation users).")
+    cfg = settings
+    dev = features.device
+    chosen = dict(choices or {})
+    val_auc = lambda scores: float(np.nanmean(evaluate_like(scores, val[0]).auc))  # noqa: E731
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    glob = UserHead(features.shape[1], d_proj=cfg.d_proj, seed=seed).to(dev)
+    train_global_head(glob, pools, features, steps=cfg.global_steps, seed=seed)
+    seconds["global"] = time.perf_counter() - t0
+    heads: dict[str, nn.Module] = {"global": glob}
+    scorers: dict[str, Callable[[LikeTasks], Tensor]] = {"global": lambda t: adapt_and_score(glob, t, steps=0)}
+    if "logreg" in methods:
+        t0 = time.perf_counter()
+        if "logreg_l2" not in chosen:
+            chosen["logreg_l2"] = max(cfg.logreg_l2s, key=lambda v: val_auc(logreg_scratch(val[0], l2=v)))
+        seconds["logreg (choice)"] = time.perf_counter() - t0
+        scorers["logreg"] = lambda t, l2=chosen["logreg_l2"]: logreg_scratch(t, l2=l2)
+    if "finetune" in methods:
+        t0 = time.perf_counter()
+        if "finetune" not in chosen:
+            chosen["finetune"] = max(cfg.finetune_grid, key=lambda s: val_auc(adapt_and_score(glob, val[0], steps=s[0], inner_lr=s[1])))
+        seconds["finetune (choice)"] = time.perf_counter() - t0
+        steps, lr = chosen["finetune"]
+        scorers["finetune"] = lambda t: adapt_and_score(glob, t, steps=steps, inner_lr=lr)
+    for m in ("maml", "fomaml", "anil", "reptile"):
+        if m in methods:
+            t0 = time.perf_counter()
+            h = copy.deepcopy(glob)
+            meta_train_head(h, pools, features, m, meta_steps=cfg.meta_steps, inner_steps=cfg.inner_steps,
+                            inner_lr=cfg.inner_lr, outer_lr=cfg.outer_lr, seed=seed)
+            seconds[m], heads[m] = time.perf_counter() - t0, h
+            scorers[m] = (lambda h_, a_: lambda t: adapt_and_score(h_, t, adapt=a_, steps=cfg.inner_steps, inner_lr=cfg.inner_lr))(
+                h, ["head"] if m == "anil" else "all")
+    if "residual" in methods:
+        kw = dict(meta_steps=cfg.residual_steps, inner_steps=cfg.inner_steps, init_lr=cfg.residual_init_lr,
+                  outer_lr=cfg.residual_outer_lr, outer_loss=cfg.residual_outer_loss, eval_every=cfg.residual_eval_every,
+                  val_tasks=val, seed=seed)
+        t0 = time.perf_counter()
+        starts = [chosen["residual_learn_init"]] if "residual_learn_init" in chosen else [True, False]
+        cands = {}
+        for learn_init in starts:
+            rh = ResidualUserHead(glob)
+            rlog, rlrs = meta_train_residual(rh, pools, features, learn_init=learn_init, **kw)
+            cands[learn_init] = (max(a for _, a in rlog.checkpoints), rh, rlrs, rlog.best_step)
+        chosen["residual_learn_init"] = max(cands, key=lambda v: cands[v][0])
+        _, rh, rlrs, best_step = cands[chosen["residual_learn_init"]]
+        seconds["residual"], heads["residual"] = time.perf_counter() - t0, rh
+        chosen["residual_lrs"], chosen["residual_best_step"] = rlrs, best_step
+        scorers["residual"] = lambda t: adapt_and_score(rh, t, adapt=list(ResidualUserHead.ADAPT), steps=cfg.inner_steps, lrs=rlrs)
+    if "proto" in methods:
+        t0 = time.perf_counter()
+        proto = UserHead(features.shape[1], d_proj=cfg.d_proj, seed=seed).to(dev)
+        train_protonet(proto, pools, features, steps=cfg.proto_steps, seed=seed)
+        seconds["proto"], heads["proto"] = time.perf_counter() - t0, proto
+        scorers["proto"] = lambda t: protonet_scores(proto, t)
+    return FittedHeads(scorers, seconds, heads, chosen)
+
+
 def head_benchmark(
     ratings: pd.DataFrame,
     features: Any,
@@ -1633,8 +1772,6 @@ def head_benchmark(
         ``evaluation``. K-fold rows have no timing (NaN) and their ``auc_low``/``auc_high`` are a
         bootstrap over their users.
     """
-    import copy
-
     from . import tasks as _tasks
 
     unknown = [m for m in methods if m not in HEAD_METHODS]
@@ -1677,64 +1814,21 @@ def head_benchmark(
     val = like_tasks(episodes_of(split.val, split.val_users, 16), cat_feats, catalogue, device=dev)
     val_auc = lambda s: float(np.nanmean(evaluate_like(s, val).auc))  # noqa: E731
 
-    fit: dict[str, float] = {}
-    t0 = time.perf_counter()
-    glob = UserHead(cat_feats.shape[1], d_proj=32, seed=seed).to(dev)
-    train_global_head(glob, pools, feat_t, steps=300, seed=seed)
-    fit["global"] = time.perf_counter() - t0
-    l2 = max([1.0, 3.0, 10.0, 30.0], key=lambda v: val_auc(logreg_scratch(val, l2=v)))
-    ft_steps, ft_lr = max([(3, 0.1), (10, 0.1), (3, 0.3)], key=lambda s: val_auc(adapt_and_score(glob, val, steps=s[0], inner_lr=s[1])))
-    meta_kw = dict(meta_steps=meta_steps, inner_steps=3, inner_lr=0.1, outer_lr=1e-3, seed=seed)
-    res_kw = dict(meta_steps=300, inner_steps=3, init_lr=0.01, outer_lr=3e-3, outer_loss="pairwise", eval_every=100, seed=seed)
     val_multi = [val] + [like_tasks(episodes_of(split.val, split.val_users, 16, ep_seed=seed + e), cat_feats, catalogue, device=dev)
                          for e in (1, 2)]
-    res_attrs: dict[str, Any] = {}
-    if "residual" in methods:  # validation users choose a meta-learned or a zero start
-        t0 = time.perf_counter()
-        cands = {}
-        for learn_init in (True, False):
-            rh = ResidualUserHead(glob)
-            rlog, _ = meta_train_residual(rh, pools, feat_t, learn_init=learn_init, val_tasks=val_multi, **res_kw)
-            cands[learn_init] = (max(a for _, a in rlog.checkpoints), rlog.best_step)
-        res_kw["learn_init"] = max(cands, key=lambda v: cands[v][0])
-        res_attrs = {**res_kw, "best_step": cands[res_kw["learn_init"]][1]}
-        fit["residual (choice)"] = time.perf_counter() - t0
+    cfg = HeadSettings(meta_steps=meta_steps)
+    fitted = fit_heads(pools, feat_t, val_multi, methods, cfg, seed=seed)
+    fns = {m: fitted.scorers[m] for m in ["global", *[m for m in methods if m != "global"]]}
+    fit = {m: fitted.seconds[m] for m in fns if m in fitted.seconds}
+    l2, (ft_steps, ft_lr) = fitted.choices.get("logreg_l2"), fitted.choices.get("finetune", (None, None))
+    meta_kw = dict(meta_steps=cfg.meta_steps, inner_steps=cfg.inner_steps, inner_lr=cfg.inner_lr, outer_lr=cfg.outer_lr, seed=seed)
+    res_attrs = ({"learn_init": fitted.choices["residual_learn_init"], "best_step": fitted.choices["residual_best_step"]}
+                 if "residual" in methods else {})
+    fold_choices = {k: v for k, v in fitted.choices.items() if k in ("logreg_l2", "finetune", "residual_learn_init")}
 
-    def build(pools_: list, feats_: Tensor, glob_: UserHead | None, timed: dict[str, float]) -> dict[str, Callable[[LikeTasks], Tensor]]:
-        """Train the requested methods on ``pools_`` with the choices above; {name: scorer}."""
-        if glob_ is None:
-            t0 = time.perf_counter()
-            glob_ = UserHead(feats_.shape[1], d_proj=32, seed=seed).to(dev)
-            train_global_head(glob_, pools_, feats_, steps=300, seed=seed)
-            timed["global"] = time.perf_counter() - t0
-        g_ = glob_
-        out_fns: dict[str, Callable[[LikeTasks], Tensor]] = {
-            "global": lambda t: adapt_and_score(g_, t, steps=0),
-            "logreg": lambda t: logreg_scratch(t, l2=l2),
-            "finetune": lambda t: adapt_and_score(g_, t, steps=ft_steps, inner_lr=ft_lr),
-        }
-        for m in ("maml", "fomaml", "anil", "reptile"):
-            if m in methods:
-                t0 = time.perf_counter()
-                h = copy.deepcopy(g_)
-                meta_train_head(h, pools_, feats_, m, **meta_kw)
-                timed[m] = time.perf_counter() - t0
-                out_fns[m] = (lambda h_, a_: lambda t: adapt_and_score(h_, t, adapt=a_, steps=3, inner_lr=0.1))(h, ["head"] if m == "anil" else "all")
-        if "residual" in methods:
-            t0 = time.perf_counter()
-            rh = ResidualUserHead(g_)
-            _, rlrs = meta_train_residual(rh, pools_, feats_, val_tasks=val_multi, **res_kw)
-            timed["residual"] = time.perf_counter() - t0
-            out_fns["residual"] = lambda t: adapt_and_score(rh, t, adapt=list(ResidualUserHead.ADAPT), steps=3, lrs=rlrs)
-        if "proto" in methods:
-            t0 = time.perf_counter()
-            proto = UserHead(feats_.shape[1], d_proj=32, seed=seed).to(dev)
-            train_protonet(proto, pools_, feats_, steps=300, seed=seed)
-            timed["proto"] = time.perf_counter() - t0
-            out_fns["proto"] = lambda t: protonet_scores(proto, t)
-        return {m: out_fns[m] for m in ["global", *[m for m in methods if m != "global"]]}
-
-    fns = build(pools, feat_t, glob, fit)
+    def build(pools_: list, feats_: Tensor) -> dict[str, Callable[[LikeTasks], Tensor]]:
+        """One fold: retrain the requested methods on ``pools_`` with the choices made above."""
+        return fit_heads(pools_, feats_, val_multi, methods, cfg, choices=fold_choices, seed=seed).scorers
 
     per: dict[tuple[str, Any], pd.DataFrame] = {}
     secs: dict[tuple[str, Any], float] = {}
@@ -1764,7 +1858,7 @@ def head_benchmark(
     out = pd.DataFrame(rows).assign(evaluation="split")
     if n_folds:
         warm_ratings = ratings[ratings.item_id.isin(warm_ids)]
-        kf = kfold_like_auc(warm_ratings, cat_feats, catalogue, lambda p_, f_: build(p_, f_, None, {}), ks=ks, n_folds=n_folds,
+        kf = kfold_like_auc(warm_ratings, cat_feats, catalogue, build, ks=ks, n_folds=n_folds,
                             n_episodes=3, exclude_users=split.val_users, seed=seed, device=dev)
         summ = paired_summary(kf, reference="global", seed=seed)
         kf_rows = []

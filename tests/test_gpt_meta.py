@@ -609,3 +609,31 @@ def test_head_benchmark_folds_option_is_validated_and_parsed():
     df = pd.DataFrame({"user_id": [1], "item_id": [100], "rating": [4.0], "timestamp": [0]})
     with pytest.raises(ValueError, match="n_folds"):
         gm.head_benchmark(df, feats, ids, n_folds=1)
+
+
+def test_fit_heads_choices_are_made_on_validation_and_reused_exactly():
+    feats, ids = _features()
+    pools = _pools(feats, ids)
+    val = gm.like_tasks(_episodes(3), feats, ids)
+    test = gm.like_tasks(_episodes(4), feats, ids)
+    small = gm.HeadSettings(d_proj=4, global_steps=5, meta_steps=2, proto_steps=3, residual_steps=4, residual_eval_every=2,
+                            logreg_l2s=(1.0, 10.0), finetune_grid=((1, 0.1), (2, 0.3)))
+    f = torch.from_numpy(feats)
+    fitted = gm.fit_heads(pools, f, [val], gm.HEAD_METHODS, small, seed=0)
+    assert set(fitted.scorers) == set(gm.HEAD_METHODS)
+    assert fitted.choices["logreg_l2"] in small.logreg_l2s and tuple(fitted.choices["finetune"]) in small.finetune_grid
+    assert fitted.choices["residual_learn_init"] in (True, False)
+    # the logistic-regression choice is the validation argmax, computed by hand
+    by_hand = max(small.logreg_l2s, key=lambda v: float(np.nanmean(gm.evaluate_like(gm.logreg_scratch(val, l2=v), val).auc)))
+    assert fitted.choices["logreg_l2"] == by_hand
+    # given the choices, a second fit trains one residual candidate and scores the test tasks identically
+    fixed = {k: fitted.choices[k] for k in ("logreg_l2", "finetune", "residual_learn_init")}
+    again = gm.fit_heads(pools, f, [val], gm.HEAD_METHODS, small, choices=fixed, seed=0)
+    for m in gm.HEAD_METHODS:
+        torch.testing.assert_close(again.scorers[m](test), fitted.scorers[m](test), rtol=0, atol=0)
+    # the meta-learners start from the global head, which is never modified by them
+    torch.testing.assert_close(fitted.scorers["global"](test), gm.adapt_and_score(fitted.heads["global"], test, steps=0))
+    with pytest.raises(ValueError, match="unknown method"):
+        gm.fit_heads(pools, f, [val], ["global", "magic"], small)
+    with pytest.raises(TypeError, match="LikeTasks"):
+        gm.fit_heads(pools, f, [], ["global"], small)
