@@ -279,7 +279,7 @@ class EpisodeTensors:
     """Padded episodes encoded for the model (T users, S support and Q query slots).
 
     Fields: ``user_ids [T]`` (numpy); ``x_support [T, S, C]`` int64, ``y_support [T, S]``
-    float32, ``mask_support [T, S]`` bool; ``x_query``, ``y_query``, ``mask_query`` alike.
+    default float dtype, ``mask_support [T, S]`` bool; ``x_query``, ``y_query``, ``mask_query`` alike.
     Padded slots hold zeros. Column 0 of ``x`` is the catalogue index of the item.
     """
 
@@ -328,11 +328,11 @@ def encode_episodes(features: Features, episodes: Sequence[tasks.Episode], devic
 
 
 def encode_ratings(features: Features, ratings: pd.DataFrame, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x [n, C] int64, y [n] float32)`` of every row of a ratings frame (normal training)."""
+    """``(x [n, C] int64, y [n])`` of every row of a ratings frame (normal training); ``y`` has torch's default dtype."""
     x = features.encode(ratings["user_id"].to_numpy(), ratings["item_id"].to_numpy())
-    y = ratings["rating"].to_numpy(np.float32)
+    y = ratings["rating"].to_numpy(np.float64)
     dev = torch.device("cpu") if device is None else torch.device(device)
-    return torch.tensor(x, device=dev), torch.tensor(y, device=dev)
+    return torch.tensor(x, device=dev), torch.tensor(y, dtype=torch.get_default_dtype(), device=dev)
 
 
 def _drop_ids(x: torch.Tensor, p: float, unknown_row: int, gen: torch.Generator) -> torch.Tensor:
@@ -862,13 +862,9 @@ def model_method(name: str, model: MeLURatingModel, data: ColdStartData, adapt: 
 
 def _choose_lr(model, data: ColdStartData, adapt: str, steps_grid: Sequence[int], lr_grid: Sequence[float]) -> tuple[int, float, float]:
     """(steps, lr, val MAE) with the lowest validation MAE after adaptation."""
-    best = None
-    for steps in steps_grid:
-        for lr in lr_grid:
-            v = _eval_adapted(model, data, data.val, adapt, steps, lr)
-            if best is None or v < best[2] - 1e-12:
-                best = (steps, lr, v)
-    return best
+    vals = {(s, lr): _eval_adapted(model, data, data.val, adapt, s, lr) for s in steps_grid for lr in lr_grid}
+    steps, lr = train.pick_best(vals, vals.get, maximize=False)
+    return steps, lr, vals[steps, lr]
 
 
 def fit_method(name: str, data: ColdStartData, cache: dict | None = None, progress: bool = False) -> Fitted:
@@ -924,7 +920,7 @@ def fit_method(name: str, data: ColdStartData, cache: dict | None = None, progre
         for reg in cfg.foldin_regs:
             q, _ = run(data.val, reg, False)
             vals[reg] = _val_mae(torch.as_tensor(q), _cpu(data.val), lo, hi)
-        reg = min(vals, key=vals.get)
+        reg = train.pick_best(vals, vals.get, maximize=False)
         return Fitted(name, lambda et, catalogue: run(et, reg, catalogue), time.perf_counter() - t0,
                       {"foldin_reg": reg, "mf": mf})
 
@@ -1067,9 +1063,9 @@ def summarize(per_user: pd.DataFrame, reference: dict[str, str] | None = None, s
     if reference is None:
         reference = {}
         if base:
-            reference["mae"] = min(base, key=lambda m: rows[m]["MAE"])
+            reference["mae"] = train.pick_best(base, lambda m: rows[m]["MAE"], maximize=False)
             if "ndcg@10" in per_user and not all(np.isnan(rows[m]["nDCG@10"]) for m in base):
-                reference["ndcg@10"] = max(base, key=lambda m: np.nan_to_num(rows[m]["nDCG@10"], nan=-1))
+                reference["ndcg@10"] = train.pick_best(base, lambda m: np.nan_to_num(rows[m]["nDCG@10"], nan=-1))
     key = ["seed", "user_id"]
     for metric, col in (("mae", "dMAE"), ("ndcg@10", "dnDCG@10")):
         ref = reference.get(metric)
@@ -1257,7 +1253,7 @@ class RatingStreams:
         user_ids: [U] int64.
         item_ids: [U, L] int64 raw item ids (-1 in padding).
         x: [U, L, C] int64 model input (:meth:`Features.encode`; zeros in padding).
-        y: [U, L] float32 ratings (0 in padding).
+        y: [U, L] ratings (torch default float dtype) (0 in padding).
         mask: [U, L] bool, True on real ratings; every row is a prefix of Trues.
         days: [U, L] float64 days since the user's first rating (0 in padding).
     """
@@ -1361,14 +1357,14 @@ def make_streams(features: Features, ratings: pd.DataFrame, users: Any = None, *
     x[who, slot] = x_flat
     item_ids = np.full((len(want), L), -1, dtype=np.int64)
     item_ids[who, slot] = df["item_id"].to_numpy(np.int64)[rows]
-    y = np.zeros((len(want), L), dtype=np.float32)
-    y[who, slot] = df["rating"].to_numpy(np.float32)[rows]
+    y = np.zeros((len(want), L), dtype=np.float64)
+    y[who, slot] = df["rating"].to_numpy(np.float64)[rows]
     mask = np.zeros((len(want), L), dtype=bool)
     mask[who, slot] = True
     days = np.zeros((len(want), L), dtype=np.float64)
     days[who, slot] = (t[rows] - t[starts][who]) / 86400.0
     dev = torch.device("cpu") if device is None else torch.device(device)
-    return RatingStreams(want.copy(), item_ids, torch.as_tensor(x, device=dev), torch.as_tensor(y, device=dev),
+    return RatingStreams(want.copy(), item_ids, torch.as_tensor(x, device=dev), torch.as_tensor(y, dtype=torch.get_default_dtype(), device=dev),
                          torch.as_tensor(mask, device=dev), torch.as_tensor(days, device=dev))
 
 
@@ -1405,7 +1401,7 @@ def recency_weights(ages: torch.Tensor, mask: torch.Tensor, gamma: float) -> tor
     raw = torch.where(m, float(gamma) ** (a - a_min), zero)
     n = m.sum(-1, keepdim=True).to(torch.float64)
     w = n * raw / raw.sum(-1, keepdim=True).clamp_min(1e-300)
-    return w.to(torch.float32)
+    return w.to(torch.get_default_dtype())
 
 
 def _check_strategy_args(strategy: str, lr: Any, steps: Any, window: Any, gamma: Any, decay: str) -> None:
@@ -1447,7 +1443,7 @@ def _stream_weight_matrix(streams: RatingStreams, idx: torch.Tensor, strategy: s
     else:
         w = seen.double()
     n = seen.sum(-1, keepdim=True).clamp_min(1).double()
-    return (w / n).float()
+    return (w / n).to(torch.get_default_dtype())
 
 
 def _replay_one_step(model, p0, fz, streams: RatingStreams, strategy: str, lr: float, window, gamma, decay,
@@ -1469,7 +1465,7 @@ def _replay_one_step(model, p0, fz, streams: RatingStreams, strategy: str, lr: f
         return meta.mse_loss_per_example(pred, yy[None])[0]
 
     g_one = torch.func.grad(sq_err)
-    out = torch.empty((U, L), dtype=torch.float32, device=y.device)
+    out = torch.empty((U, L), dtype=y.dtype, device=y.device)
     for s in range(0, U, per):
         idx = torch.arange(s, min(U, s + per), device=y.device)
         u = len(idx)
@@ -1483,7 +1479,7 @@ def _replay_one_step(model, p0, fz, streams: RatingStreams, strategy: str, lr: f
                 step = torch.bmm(omega, gk)  # [u, L, numel]
                 adapted[k] = (v.reshape(1, 1, -1) - lr * step).reshape(u * L, *v.shape)
             pred = predict_batch(model, adapted, fz, xs[:, None, :])[:, 0]
-        out[idx] = pred.reshape(u, L).float()
+        out[idx] = pred.reshape(u, L)
     return out
 
 
@@ -1520,7 +1516,7 @@ def replay_streams(
             (same numbers up to float rounding; always used for ``steps > 1`` and ``continual``).
 
     Returns:
-        [U, L] float32 predictions: ``pred[:, t]`` predicts ``y[:, t]`` after the ratings
+        [U, L] predictions (the dtype of ``streams.y``): ``pred[:, t]`` predicts ``y[:, t]`` after the ratings
         ``0..t-1`` (``t = 0``: the unadapted model); NaN in padding. Not clipped.
     """
     _check_strategy_args(strategy, lr, steps, window, gamma, decay)
@@ -1528,14 +1524,14 @@ def replay_streams(
         raise TypeError(f"streams must be RatingStreams (make_streams), got {type(streams).__name__}.")
     x, y, mask = streams.x, streams.y, streams.mask
     U, L = y.shape
-    out = torch.full((U, L), float("nan"), dtype=torch.float32, device=y.device)
+    out = torch.full((U, L), float("nan"), dtype=y.dtype, device=y.device)
     p0 = {k: v.detach() for k, v in params.items()}
     fz = {k: v.detach() for k, v in frozen.items()}
     with torch.no_grad():
         init = predict_batch(model, {k: v[None].expand(U, *v.shape) for k, v in p0.items()}, fz, x)
     out[:, 0] = init[:, 0]
     if strategy == "static":
-        return torch.where(mask, init.float(), out)
+        return torch.where(mask, init, out)
     if vectorize and strategy in ("reset", "window", "recency") and int(steps) == 1:
         pred = _replay_one_step(model, p0, fz, streams, strategy, float(lr), window, gamma, decay)
         return torch.where(mask, pred, out)
@@ -1573,7 +1569,7 @@ def replay_streams(
                 weights = recency_weights(ages, seen, float(gamma))
             ad = adapt_batch(model, p0, fz, x[idx, :t], y[idx, :t], seen, steps=int(steps), lr=float(lr), weights=weights)
             pred = predict_batch(model, ad, fz, x[idx, t:t + 1])[:, 0]
-        out[idx, t] = pred.float()
+        out[idx, t] = pred
     return out
 
 

@@ -103,11 +103,11 @@ def center_embeddings(raw: Any) -> tuple[Tensor, Tensor]:
         raw: ``[n, d]`` array or tensor of item embeddings (any scale), ``n >= 2``.
 
     Returns:
-        ``(x, center)``: ``x [n, d]`` float32 rows of unit length (``x_i = (r_i - c) / ||r_i - c||``
+        ``(x, center)``: ``x [n, d]`` rows (torch's default dtype) of unit length (``x_i = (r_i - c) / ||r_i - c||``
         with ``r_i`` the L2-normalised raw row) and ``center [d]`` (``c``), to apply to other texts
         (e.g. the user's statement) with ``(r - c) / ||r - c||``.
     """
-    r = torch.as_tensor(np.asarray(raw, dtype=np.float32) if not isinstance(raw, Tensor) else raw).float()
+    r = torch.as_tensor(np.asarray(raw, dtype=np.float64) if not isinstance(raw, Tensor) else raw).to(torch.get_default_dtype())
     if r.dim() != 2 or r.shape[0] < 2 or r.shape[1] < 1:
         raise ValueError(f"raw must be a 2-D array [n_items >= 2, dim], got shape {tuple(r.shape)}.")
     if not torch.isfinite(r).all():
@@ -120,7 +120,7 @@ def center_embeddings(raw: Any) -> tuple[Tensor, Tensor]:
 def apply_center(vectors: Tensor, center: Tensor) -> Tensor:
     """Rows ``[m, d]`` (e.g. statement embeddings) -> ``(normalize(rows) - center)`` normalised, as
     :func:`center_embeddings` does for the items; ``[m, d]``."""
-    v = nn.functional.normalize(vectors.float(), dim=-1)
+    v = nn.functional.normalize(vectors.to(center.dtype), dim=-1)
     return nn.functional.normalize(v - center.to(v.device), dim=-1)
 
 
@@ -217,7 +217,7 @@ class ConvRecommender:
             if pop.shape != (n,) or not np.isfinite(pop).all() or (pop < 0).any():
                 raise ValueError(f"popularity must be {n} finite counts >= 0, one per catalogue item.")
             lp = np.log1p(pop)
-            self._pop_z = torch.as_tensor((lp - lp.mean()) / max(lp.std(), 1e-12), dtype=torch.float32,
+            self._pop_z = torch.as_tensor((lp - lp.mean()) / max(lp.std(), 1e-12), dtype=x.dtype,
                                           device=x.device)
         self._pos = {int(i): j for j, i in enumerate(self.item_ids)}
         if len(self._pos) != n:
@@ -230,7 +230,7 @@ class ConvRecommender:
     def embed_statement(self, text: str) -> Tensor:
         """``[d]`` centred unit-length embedding of a free-text statement."""
         raw = self.embed_fn([text])
-        v = torch.as_tensor(np.asarray(raw, dtype=np.float32)).reshape(1, -1).to(self.item_emb.device)
+        v = torch.as_tensor(np.asarray(raw, dtype=np.float64)).reshape(1, -1).to(self.item_emb.device, self.item_emb.dtype)
         if v.shape[1] != self.item_emb.shape[1]:
             raise ValueError(f"embed_fn returned {v.shape[1]}-dim vectors, items have {self.item_emb.shape[1]}.")
         return apply_center(v, self.center)[0]
@@ -904,10 +904,10 @@ def simulate_user_sessions(
     stmt_cache: dict[str, Tensor] = {}
     texts = sorted({u.statement for u in users})
     if texts:
-        raw = torch.as_tensor(np.asarray(rec.embed_fn(texts), dtype=np.float32)).to(rec.item_emb.device)
+        raw = torch.as_tensor(np.asarray(rec.embed_fn(texts), dtype=np.float64)).to(rec.item_emb.device, rec.item_emb.dtype)
         for t, v in zip(texts, apply_center(raw, rec.center)):
             stmt_cache[t] = v
-    pop = None if rec.popularity is None else torch.as_tensor(np.asarray(rec.popularity, dtype=np.float32),
+    pop = None if rec.popularity is None else torch.as_tensor(np.asarray(rec.popularity, dtype=np.float64),
                                                                device=rec.item_emb.device)
     rows = []
     for u in users:

@@ -33,7 +33,7 @@ Schema (the same for every release)
 
     user_id    int64
     item_id    int64                 the release's movie id
-    rating     float32               0.5-5.0 in half stars (ml-latest-*), 1-5 (ml-100k, ml-1m)
+    rating     float64               0.5-5.0 in half stars (ml-latest-*), 1-5 (ml-100k, ml-1m)
     timestamp  datetime64[ns, UTC]   from Unix seconds
 
 ``MovieLens.items`` -- one row per movie, shape (n_items, 4):
@@ -777,7 +777,7 @@ def _ratings_frame(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({
         "user_id": df["user_id"].astype("int64"),
         "item_id": df["item_id"].astype("int64"),
-        "rating": df["rating"].astype("float32"),
+        "rating": df["rating"].astype("float64"),
         "timestamp": _to_utc(df["timestamp"]),
     })
 

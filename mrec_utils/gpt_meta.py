@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from . import meta as _meta
 from . import metrics as _metrics
+from .train import TIE_TOL, pick_best
 
 __all__ = [
     "lm_item_features",
@@ -145,7 +146,7 @@ def lm_item_features(embeddings: Any, n_components: int = 64, fit_rows: Any = No
             texts only uses no rating, so fitting on the whole catalogue leaks nothing.
 
     Returns:
-        float32 [n_items, n_components].
+        float64 [n_items, n_components].
     """
     e = _as_matrix(embeddings, "embeddings").astype(np.float64)
     n_components = _pos_int("n_components", n_components)
@@ -160,7 +161,7 @@ def lm_item_features(embeddings: Any, n_components: int = 64, fit_rows: Any = No
     axes = axes * signs[:, None]
     z = (e - mu) @ axes.T
     scale = np.sqrt(((fit - mu) @ axes.T).var(0).mean())
-    return (z / max(scale, 1e-12)).astype(np.float32)
+    return z / max(scale, 1e-12)
 
 
 @dataclass
@@ -236,7 +237,7 @@ def like_tasks(
     eps = list(episodes)
     if not eps:
         raise ValueError("episodes is empty; make_episodes returned no user (check k_support / min_ratings).")
-    feats = torch.as_tensor(_as_matrix(features, "features"), dtype=torch.float32)
+    feats = torch.as_tensor(_as_matrix(features, "features"), dtype=torch.get_default_dtype())
     cat = pd.Index(np.asarray(item_ids, dtype=np.int64))
     if len(cat) != feats.shape[0]:
         raise ValueError(f"item_ids has {len(cat)} entries but features has {feats.shape[0]} rows.")
@@ -247,13 +248,14 @@ def like_tasks(
     parts = {}
     for side in ("support", "query"):
         items = [np.asarray(getattr(e, f"{side}_items"), dtype=np.int64) for e in eps]
-        ratings = [np.asarray(getattr(e, f"{side}_ratings"), dtype=np.float32) for e in eps]
+        ratings = [np.asarray(getattr(e, f"{side}_ratings"), dtype=np.float64) for e in eps]
         rows = [_item_rows(i, cat, f"episode {side}") for i in items]
         rows_p, mask = _pad(rows, 0, np.int64)
-        r_p, _ = _pad(ratings, 0.0, np.float32)
+        r_p, _ = _pad(ratings, 0.0, np.float64)
         x = feats[torch.from_numpy(rows_p)]
-        parts[side] = (x.to(dev), torch.from_numpy((r_p >= like_threshold).astype(np.float32) * mask).to(dev),
-                       torch.from_numpy(r_p).to(dev), torch.from_numpy(mask).to(dev))
+        fl = torch.get_default_dtype()
+        parts[side] = (x.to(dev), torch.from_numpy((r_p >= like_threshold).astype(np.float64) * mask).to(dev, fl),
+                       torch.from_numpy(r_p).to(dev, fl), torch.from_numpy(mask).to(dev))
         if side == "query":
             parts["query_items"] = _pad(items, -1, np.int64)[0]
     xs, ys, rs, ms = parts["support"]
@@ -262,7 +264,7 @@ def like_tasks(
 
 
 def rating_pools(ratings: pd.DataFrame, item_ids: Any, min_ratings: int = 2) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Each training user's ratings as (feature rows [n_u] int64, ratings [n_u] float32).
+    """Each training user's ratings as (feature rows [n_u] int64, ratings [n_u] float64).
 
     Items without a feature row are dropped; users with fewer than ``min_ratings`` kept ratings
     are skipped. The result feeds :func:`sample_like_batch`.
@@ -276,7 +278,7 @@ def rating_pools(ratings: pd.DataFrame, item_ids: Any, min_ratings: int = 2) -> 
     pools = []
     for _, g in df.groupby("user_id", sort=True):
         if len(g) >= min_ratings:
-            pools.append((g["_row"].to_numpy(np.int64), g["rating"].to_numpy(np.float32)))
+            pools.append((g["_row"].to_numpy(np.int64), g["rating"].to_numpy(np.float64)))
     if not pools:
         raise ValueError(f"no user has {min_ratings} ratings of items with features.")
     return pools
@@ -320,7 +322,7 @@ def sample_like_batch(
     users = rng.integers(0, len(pools), size=n_tasks)
     s_max, q_max = max(ks), n_query
     rows = np.zeros((2, n_tasks, max(s_max, q_max)), dtype=np.int64)
-    vals = np.zeros((2, n_tasks, max(s_max, q_max)), dtype=np.float32)
+    vals = np.zeros((2, n_tasks, max(s_max, q_max)), dtype=np.float64)
     mask = np.zeros((2, n_tasks, max(s_max, q_max)), dtype=bool)
     for t, u in enumerate(users):
         it, r = pools[u]
@@ -332,10 +334,10 @@ def sample_like_batch(
             vals[side, t, : len(sel)] = r[sel]
             mask[side, t, : len(sel)] = True
     if target == "like":
-        vals = (vals >= like_threshold).astype(np.float32) * mask
+        vals = (vals >= like_threshold).astype(np.float64) * mask
     dev = features.device
     x = features[torch.from_numpy(rows).to(dev)]
-    y = torch.from_numpy(vals).to(dev)
+    y = torch.from_numpy(vals).to(dev, features.dtype)
     m = torch.from_numpy(mask).to(dev)
     return _meta.TaskBatch(x[0, :, :s_max], y[0, :, :s_max], x[1, :, :q_max], y[1, :, :q_max], m[0, :, :s_max], m[1, :, :q_max])
 
@@ -694,7 +696,7 @@ def meta_train_residual(
         if val is not None and (step % eval_every == 0 or step == meta_steps):
             auc = _mean_val_auc(model, val, adapt, inner_steps, lrs)
             log.checkpoints.append((step, auc))
-            if best is None or auc > best[0]:
+            if best is None or auc > best[0] + TIE_TOL:
                 best = (auc, step, {**{k: v.detach().clone() for k, v in params.items()},
                                     **{"lr:" + k: v.detach().clone() for k, v in lrs.items()}})
     if best is not None:
@@ -1512,7 +1514,7 @@ def kfold_like_auc(
         raise TypeError("ratings must be a DataFrame with user_id, item_id, rating (and timestamp).")
     if not callable(fit):
         raise TypeError("fit must be a callable (pools, features) -> {name: scorer}.")
-    feats = _as_matrix(features, "features").astype(np.float32)
+    feats = _as_matrix(features, "features").astype(np.float64)
     ids = np.asarray(item_ids, dtype=np.int64)
     if len(ids) != len(feats):
         raise ValueError(f"item_ids has {len(ids)} entries but features has {len(feats)} rows.")
@@ -1525,7 +1527,7 @@ def kfold_like_auc(
     ratings = ratings[ratings.item_id.isin(ids)]
     excluded = np.asarray([] if exclude_users is None else exclude_users, dtype=np.int64)
     folds = user_folds(np.setdiff1d(ratings.user_id.unique(), excluded), n_folds, seed=seed)
-    feat_t = torch.as_tensor(feats, device=dev)
+    feat_t = torch.as_tensor(feats, dtype=torch.get_default_dtype(), device=dev)
     rows = []
     for f, test_users in enumerate(folds):
         pools = rating_pools(ratings[~ratings.user_id.isin(np.concatenate([test_users, excluded]))], ids)
@@ -1686,13 +1688,13 @@ def fit_heads(
     if "logreg" in methods:
         t0 = time.perf_counter()
         if "logreg_l2" not in chosen:
-            chosen["logreg_l2"] = max(cfg.logreg_l2s, key=lambda v: val_auc(logreg_scratch(val[0], l2=v)))
+            chosen["logreg_l2"] = pick_best(cfg.logreg_l2s, lambda v: val_auc(logreg_scratch(val[0], l2=v)))
         seconds["logreg (choice)"] = time.perf_counter() - t0
         scorers["logreg"] = lambda t, l2=chosen["logreg_l2"]: logreg_scratch(t, l2=l2)
     if "finetune" in methods:
         t0 = time.perf_counter()
         if "finetune" not in chosen:
-            chosen["finetune"] = max(cfg.finetune_grid, key=lambda s: val_auc(adapt_and_score(glob, val[0], steps=s[0], inner_lr=s[1])))
+            chosen["finetune"] = pick_best(cfg.finetune_grid, lambda s: val_auc(adapt_and_score(glob, val[0], steps=s[0], inner_lr=s[1])))
         seconds["finetune (choice)"] = time.perf_counter() - t0
         steps, lr = chosen["finetune"]
         scorers["finetune"] = lambda t: adapt_and_score(glob, t, steps=steps, inner_lr=lr)
@@ -1716,7 +1718,7 @@ def fit_heads(
             rh = ResidualUserHead(glob)
             rlog, rlrs = meta_train_residual(rh, pools, features, learn_init=learn_init, **kw)
             cands[learn_init] = (max(a for _, a in rlog.checkpoints), rh, rlrs, rlog.best_step)
-        chosen["residual_learn_init"] = max(cands, key=lambda v: cands[v][0])
+        chosen["residual_learn_init"] = pick_best(cands, lambda v: cands[v][0])
         _, rh, rlrs, best_step = cands[chosen["residual_learn_init"]]
         seconds["residual"], heads["residual"] = time.perf_counter() - t0, rh
         chosen["residual_lrs"], chosen["residual_best_step"] = rlrs, best_step
@@ -1777,7 +1779,7 @@ def head_benchmark(
     unknown = [m for m in methods if m not in HEAD_METHODS]
     if unknown or not methods:
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(HEAD_METHODS)}.")
-    feats = _as_matrix(features, "features").astype(np.float32)
+    feats = _as_matrix(features, "features").astype(np.float64)
     ids = np.asarray(item_ids, dtype=np.int64)
     if len(ids) != len(feats):
         raise ValueError(f"item_ids has {len(ids)} entries but features has {len(feats)} rows.")
@@ -1799,7 +1801,7 @@ def head_benchmark(
     warm_ids, new_ids = catalogue[~is_new], catalogue[is_new]
     pos = pd.Index(ids).get_indexer(catalogue)
     cat_feats = feats[pos]
-    feat_t = torch.as_tensor(cat_feats, device=dev)
+    feat_t = torch.as_tensor(cat_feats, dtype=torch.get_default_dtype(), device=dev)
     pools = rating_pools(split.train[split.train.item_id.isin(warm_ids)], catalogue)
 
     def episodes_of(frame: pd.DataFrame, users: np.ndarray, k: int, query_pool: Any = None, ep_seed: int = seed) -> list:

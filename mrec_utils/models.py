@@ -283,7 +283,7 @@ def make_item_gpt(
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)
     if item_vectors is not None:
-        v = torch.as_tensor(np.asarray(item_vectors, dtype=np.float32))
+        v = torch.as_tensor(np.asarray(item_vectors), dtype=torch.get_default_dtype())
         if v.shape != (n_items, n_embd):
             raise ValueError(f"item_vectors must have shape [n_items, n_embd] = [{n_items}, {n_embd}], got {tuple(v.shape)}.")
         if not torch.isfinite(v).all() or float(v.std()) == 0:
@@ -364,7 +364,7 @@ def next_item_loss(model: Any, tokens: torch.Tensor, mask: torch.Tensor) -> torc
     logits = model(input_ids=tokens, attention_mask=mask.long()).logits  # [B, L, V]
     labels = tokens[:, 1:].masked_fill(~mask[:, 1:], IGNORE_INDEX)  # [B, L-1]
     return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
     )
 
 
@@ -559,7 +559,7 @@ def score_next_items(model: Any, histories: Any, batch_size: int = 256) -> np.nd
         batch_size: histories per forward pass.
 
     Returns:
-        float32 array [n, n_items]: for one model the logit of every item at the position after
+        float64 array [n, n_items]: for one model the logit of every item at the position after
         the last item; for an ensemble the mean log-probability (same ranking as the geometric
         mean of the members' next-item distributions).
     """
@@ -569,7 +569,7 @@ def score_next_items(model: Any, histories: Any, batch_size: int = 256) -> np.nd
         for m in members:
             s = torch.log_softmax(torch.from_numpy(score_next_items(m, histories, batch_size)), dim=1).numpy()
             total = s if total is None else total + s
-        return (total / len(members)).astype(np.float32)
+        return total / len(members)
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise TypeError("model must be an item GPT from make_item_gpt (or a list of them).")
     n_items = int(model.config.vocab_size) - 1
@@ -580,7 +580,7 @@ def score_next_items(model: Any, histories: Any, batch_size: int = 256) -> np.nd
     was_training = model.training
     model.eval()
     dev = _model_device(model)
-    out = np.empty((len(hist), n_items), dtype=np.float32)
+    out = np.empty((len(hist), n_items), dtype=np.float64)
     try:
         for b in range(0, len(hist), batch_size):
             tokens, mask = pad_batch(hist[b : b + batch_size], _context_len(model))
@@ -588,7 +588,7 @@ def score_next_items(model: Any, histories: Any, batch_size: int = 256) -> np.nd
             logits = model(input_ids=tokens, attention_mask=mask.long()).logits  # [B, L, V]
             last = mask.sum(1) - 1
             rows = logits[torch.arange(len(last), device=dev), last]  # [B, V]
-            out[b : b + len(last)] = rows[:, 1:].float().cpu().numpy()
+            out[b : b + len(last)] = rows[:, 1:].double().cpu().numpy()
     finally:
         if was_training:
             model.train()
@@ -679,11 +679,11 @@ def cooccurrence_embeddings(counts: Any, dim: int, seed: int = 0) -> np.ndarray:
         seed: seeds the randomised SVD.
 
     Returns:
-        float32 array [n_items, dim].
+        float64 array [n_items, dim].
     """
     from sklearn.utils.extmath import randomized_svd
 
-    c = np.asarray(counts, dtype=np.float32)
+    c = np.asarray(counts, dtype=np.float64)
     if c.ndim != 2 or c.shape[0] != c.shape[1]:
         raise ValueError(f"counts must be a square [n_items, n_items] matrix, got shape {c.shape}.")
     if not np.isfinite(c).all() or (c < 0).any():
@@ -693,7 +693,7 @@ def cooccurrence_embeddings(counts: Any, dim: int, seed: int = 0) -> np.ndarray:
         raise ValueError(f"dim={dim} must be smaller than n_items={c.shape[0]}.")
     sym = np.log1p(c + c.T)
     u, sv, _ = randomized_svd(sym, dim, n_iter=3, random_state=seed)
-    return (u * np.sqrt(sv)).astype(np.float32)
+    return u * np.sqrt(sv)
 
 
 def history_mask(histories: Any, n_items: int) -> np.ndarray:
@@ -855,7 +855,7 @@ class MeLURatingModel(torch.nn.Module):
         offset: float = 0.0,
     ):
         super().__init__()
-        g = torch.as_tensor(np.asarray(genre_matrix), dtype=torch.float32)
+        g = torch.as_tensor(np.asarray(genre_matrix), dtype=torch.get_default_dtype())
         yb = torch.as_tensor(np.asarray(year_bucket), dtype=torch.long)
         if g.ndim != 2 or g.shape[0] == 0:
             raise ValueError(f"genre_matrix must be [n_catalogue, n_genres], got shape {tuple(g.shape)}.")
@@ -1052,7 +1052,7 @@ def fit_biased_mf(
     dev = torch.device("cpu") if device is None else torch.device(device)
     u = torch.as_tensor(np.asarray(users), dtype=torch.long, device=dev)
     i = torch.as_tensor(np.asarray(items), dtype=torch.long, device=dev)
-    r = torch.as_tensor(np.asarray(ratings, dtype=np.float64), device=dev)
+    r = torch.tensor(np.asarray(ratings, dtype=np.float64), device=dev)
     if not (u.shape == i.shape == r.shape and u.ndim == 1 and len(u) > 0):
         raise ValueError("users, items and ratings must be non-empty 1-D arrays of the same length.")
     if int(u.min()) < 0 or int(u.max()) >= n_users or int(i.min()) < 0 or int(i.max()) >= n_items:

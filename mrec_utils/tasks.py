@@ -482,7 +482,7 @@ class Episode:
     """One task: a user's support set (to adapt on) and query set (to evaluate on).
 
     Items are raw item ids. Within each set the rows are in time order (ties by item id).
-    Shapes: support_* (k,), query_* (n,); items int64, ratings float32, times float64 seconds
+    Shapes: support_* (k,), query_* (n,); items int64, ratings float64, times float64 seconds
     since the Unix epoch (numeric input timestamps are passed through unchanged).
     """
 
@@ -746,7 +746,7 @@ def make_episodes(
 
     u = df["user_id"].to_numpy()
     items = df["item_id"].to_numpy().astype(np.int64)
-    rat = df["rating"].to_numpy().astype(np.float32)
+    rat = df["rating"].to_numpy().astype(np.float64)
     cs = df["can_support"].to_numpy(bool) if "can_support" in df.columns else np.ones(len(df), bool)
     cq = df["can_query"].to_numpy(bool) if "can_query" in df.columns else np.ones(len(df), bool)
     starts = np.searchsorted(u, users, side="left")
@@ -848,9 +848,9 @@ class EpisodeBatch:
 
     Fields (tensors on one device):
         user_ids [T] long
-        support_items [T, S] long, support_ratings [T, S] float32, support_times [T, S] float64,
+        support_items [T, S] long, support_ratings [T, S] (default float dtype), support_times [T, S] float64,
         support_mask [T, S] bool (True = real interaction)
-        query_items [T, Q] long, query_ratings [T, Q] float32, query_times [T, Q] float64,
+        query_items [T, Q] long, query_ratings [T, Q] (default float dtype), query_times [T, Q] float64,
         query_mask [T, Q] bool
         support_features [T, S, ...], query_features [T, Q, ...]: ``featurize`` output or None
         pad_index: the item value at padded positions (ItemIndex.pad_index, or -1 for raw ids);
@@ -939,7 +939,7 @@ def collate_episodes(
 
     def block(names: tuple[str, str, str], width: int):
         items = np.full((T, width), pad, dtype=np.int64)
-        rats = np.zeros((T, width), dtype=np.float32)
+        rats = np.zeros((T, width), dtype=np.float64)
         times = np.zeros((T, width), dtype=np.float64)
         mask = np.zeros((T, width), dtype=bool)
         for r, e in enumerate(episodes):
@@ -950,7 +950,7 @@ def collate_episodes(
             times[r, :m] = getattr(e, names[2])
             mask[r, :m] = True
         return (
-            torch.as_tensor(items, device=dev), torch.as_tensor(rats, device=dev),
+            torch.as_tensor(items, device=dev), torch.as_tensor(rats, dtype=torch.get_default_dtype(), device=dev),
             torch.as_tensor(times, device=dev), torch.as_tensor(mask, device=dev),
         )
 

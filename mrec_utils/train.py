@@ -19,7 +19,11 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-__all__ = ["seed_everything", "get_device", "versions", "EarlyStopping", "progress"]
+__all__ = ["seed_everything", "get_device", "versions", "TIE_TOL", "pick_best", "EarlyStopping", "progress"]
+
+TIE_TOL = 1e-9
+"""Validation values closer than this are a tie, won by the earlier candidate. In float64 two machines
+differ by about 1e-13, so a choice never depends on which machine computed it."""
 
 
 def seed_everything(seed: int) -> None:
@@ -106,6 +110,22 @@ def versions() -> str:
     return " | ".join(parts)
 
 
+def pick_best(candidates: Iterable[Any], score: Any, *, maximize: bool = True, tol: float = TIE_TOL) -> Any:
+    """The first candidate whose ``score(candidate)`` is within ``tol`` of the best score.
+
+    Grid searches on validation users use it, so that ties (and near-ties below ``tol``) go to the
+    earlier grid entry on every machine instead of to whichever value rounding favoured.
+    """
+    cands = list(candidates)
+    if not cands:
+        raise ValueError("pick_best needs at least one candidate.")
+    vals = [float(score(c)) for c in cands]
+    if any(math.isnan(v) for v in vals):
+        raise ValueError(f"a candidate scored NaN: {dict(zip(map(str, cands), vals))}.")
+    best = max(vals) if maximize else min(vals)
+    return next(c for c, v in zip(cands, vals) if (v >= best - tol if maximize else v <= best + tol))
+
+
 @dataclass
 class EarlyStopping:
     """Stop training when a monitored value has not improved for ``patience`` steps.
@@ -128,7 +148,7 @@ class EarlyStopping:
     """
 
     patience: int = 5
-    min_delta: float = 0.0
+    min_delta: float = TIE_TOL
     mode: str = "min"
     keep_best_state: bool = True
     best: float | None = field(default=None, init=False)

@@ -5,6 +5,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# The book computes in float64 (every chapter's setup cell and the benchmark's command line set it),
+# so that rounding differences between machines stay far below the digits a test compares.
+torch.set_default_dtype(torch.float64)
 
 # Read once at start-up: some tests isolate themselves from the environment with monkeypatch.
 _DATA_DIR = os.environ.get("MREC_DATA_DIR")

@@ -46,7 +46,7 @@ def synthetic(n_users: int = 70, n_items: int = 60, per_user: int = 40, seed: in
         ts = 9e8 + release[its] + rng.integers(0, 2e6, per_user)
         rows += [(u + 1, int(i) + 1, float(x), int(t)) for i, x, t in zip(its, r, ts)]
     ratings = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
-    ratings["rating"] = ratings["rating"].astype(np.float32)
+    ratings["rating"] = ratings["rating"].astype(np.float64)
     ratings["timestamp"] = pd.to_datetime(ratings["timestamp"], unit="s", utc=True)
     items = pd.DataFrame({
         "item_id": np.arange(1, n_items + 1, dtype=np.int64),

@@ -39,7 +39,7 @@ def test_speed_gradients_really_compared():
 
     torch.manual_seed(0)
     model = benchmark._melu_mlp(6, 5)
-    batch = benchmark._random_batch(3, 4, 3, 6, 0, torch.device("cpu"), torch.float32)
+    batch = benchmark._random_batch(3, 4, 3, 6, 0, torch.device("cpu"), torch.get_default_dtype())
     p, f = meta.split_params(model)
     kw = dict(loss_fn=meta.mse_loss_per_example, steps=2, inner_lr=0.5)
     _, g2 = meta.meta_gradient(model, p, f, batch, **kw)

@@ -46,7 +46,7 @@ def planted_frames(n_users: int = 90, n_items: int = 50, per_user: int = 30, see
         ts = 9e8 + np.sort(rng.integers(0, 10**7, per_user))
         rows += [(u + 1, int(i) + 1, float(x), int(t)) for i, x, t in zip(its, r, ts)]
     ratings = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
-    ratings["rating"] = ratings["rating"].astype(np.float32)
+    ratings["rating"] = ratings["rating"].astype(np.float64)
     ratings["timestamp"] = pd.to_datetime(ratings["timestamp"], unit="s", utc=True)
     items = pd.DataFrame({
         "item_id": np.arange(1, n_items + 1, dtype=np.int64),
@@ -149,7 +149,7 @@ def test_als_fits_planted_low_rank_ratings():
 
 def tiny_model(users=(3, 4)) -> MeLURatingModel:
     torch.manual_seed(0)
-    genres = np.array([[1, 0, 1], [0, 1, 0], [0, 0, 0], [1, 1, 1]], dtype=np.float32)
+    genres = np.array([[1, 0, 1], [0, 1, 0], [0, 0, 0], [1, 1, 1]], dtype=np.float64)
     return MeLURatingModel(genres, np.array([0, 1, 2, 1]), 3, n_item_rows=3, user_cardinalities=users,
                            emb_dim=4, hidden=(6, 5), offset=3.0)
 

@@ -58,7 +58,7 @@ class LinearHead(torch.nn.Module):
 
 def word_vec(word: str) -> np.ndarray:
     rng = np.random.default_rng(zlib.crc32(word.encode()))
-    return rng.standard_normal(DIM).astype(np.float32)
+    return rng.standard_normal(DIM).astype(np.float64)
 
 
 def bow_embed(texts):
@@ -66,8 +66,8 @@ def bow_embed(texts):
     out = []
     for t in texts:
         words = [w for w in "".join(c.lower() if c.isalnum() else " " for c in t).split() if w]
-        out.append(np.sum([word_vec(w) for w in words], axis=0) if words else np.full(DIM, 1e-3, np.float32))
-    return np.stack(out).astype(np.float32)
+        out.append(np.sum([word_vec(w) for w in words], axis=0) if words else np.full(DIM, 1e-3, np.float64))
+    return np.stack(out).astype(np.float64)
 
 
 def make_catalog(n: int = 18):
@@ -84,7 +84,7 @@ def make_rec(n: int = 18, reason_fn=None, prior_weight: float = 2.0, head=None) 
     head = LinearHead(DIM) if head is None else head
     return ConvRecommender(ids, texts, titles, x, center, head, bow_embed, reason_fn=reason_fn,
                            prior_weight=prior_weight, inner_lr=1.0, steps=2,
-                           popularity=np.arange(n, 0, -1).astype(np.float32))
+                           popularity=np.arange(n, 0, -1).astype(np.float64))
 
 
 def stub_reason(statement, liked, item_text):
@@ -265,7 +265,7 @@ def test_adapt_head_matches_hand_written_sgd():
 
 
 def test_center_embeddings():
-    raw = np.random.default_rng(0).standard_normal((10, 5)).astype(np.float32) + 3.0
+    raw = np.random.default_rng(0).standard_normal((10, 5)).astype(np.float64) + 3.0
     x, c = center_embeddings(raw)
     assert torch.allclose(x.norm(dim=1), torch.ones(10), atol=1e-5)
     r = torch.nn.functional.normalize(torch.as_tensor(raw), dim=1)

@@ -221,7 +221,7 @@ def test_latest_format(monkeypatch, tmp_path, form):
     assert ml.verified and ml.users is None and ml.name == "ml-latest-small"
     r = ml.ratings
     assert list(r.columns) == ["user_id", "item_id", "rating", "timestamp"]
-    assert r["rating"].dtype == "float32" and r["user_id"].dtype == "int64"
+    assert r["rating"].dtype == "float64" and r["user_id"].dtype == "int64"
     assert str(r["timestamp"].dtype) == "datetime64[ns, UTC]"
     assert r["rating"].tolist() == [4.0, 3.5, 5.0, 0.5, 2.0]
     assert r["timestamp"].iloc[0] == pd.Timestamp(964982703, unit="s", tz="UTC")
@@ -245,7 +245,7 @@ def test_100k_format(monkeypatch, tmp_path, form):
     write(tmp_path, "ml-100k", files, form)
     ml = D.load_movielens("ml-100k", tmp_path)
     assert ml.tags is None and len(ml.ratings) == 4
-    assert ml.ratings["rating"].dtype == "float32" and ml.ratings["rating"].tolist() == [3, 3, 1, 5]
+    assert ml.ratings["rating"].dtype == "float64" and ml.ratings["rating"].tolist() == [3, 3, 1, 5]
     it = ml.items.set_index("item_id")
     assert it.loc[302, "title"] == "Café Society" and it.loc[302, "year"] == 1995
     assert it.loc[302, "genres"] == ["Action", "Drama", "Romance"]  # u.genre order, not file order
@@ -573,7 +573,7 @@ def test_real_ml_latest_small(movielens_dir):
     assert ml.ratings["user_id"].nunique() == 610
     assert len(ml.items) == 9742 and len(ml.ratings) == 100836 and len(ml.tags) == 3683
     assert dict(ml.ratings.dtypes.astype(str)) == {
-        "user_id": "int64", "item_id": "int64", "rating": "float32", "timestamp": "datetime64[ns, UTC]"}
+        "user_id": "int64", "item_id": "int64", "rating": "float64", "timestamp": "datetime64[ns, UTC]"}
     assert str(ml.items["item_id"].dtype) == "int64" and str(ml.items["year"].dtype) == "Int64"
     assert pd.api.types.is_string_dtype(ml.items["title"]) and ml.items["genres"].dtype == object
     assert all(isinstance(g, list) for g in ml.items["genres"])

@@ -20,7 +20,7 @@ def _episodes(n_users=5, n_items=30, k=6, q=8, seed=0):
     eps = []
     for u in range(n_users):
         items = rng.choice(n_items, size=k + q, replace=False).astype(np.int64) + 100
-        r = rng.choice([1.0, 2.0, 3.0, 4.0, 5.0], size=k + q).astype(np.float32)
+        r = rng.choice([1.0, 2.0, 3.0, 4.0, 5.0], size=k + q).astype(np.float64)
         r[0], r[1], r[k], r[k + 1] = 5.0, 1.0, 5.0, 2.0  # both classes in support and query
         z = np.zeros(k + q)
         eps.append(Episode(u, items[:k], r[:k], z[:k], items[k:], r[k:], z[k:]))
@@ -29,7 +29,7 @@ def _episodes(n_users=5, n_items=30, k=6, q=8, seed=0):
 
 def _features(n_items=30, d=8, seed=0):
     rng = np.random.default_rng(seed)
-    return rng.normal(size=(n_items, d)).astype(np.float32), np.arange(n_items, dtype=np.int64) + 100
+    return rng.normal(size=(n_items, d)).astype(np.float64), np.arange(n_items, dtype=np.int64) + 100
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def _state(model):
 def test_lm_item_features_centred_scaled_and_validated():
     e = np.random.default_rng(0).normal(size=(40, 10)) + 5.0
     f = gm.lm_item_features(e, n_components=4)
-    assert f.shape == (40, 4) and f.dtype == np.float32
+    assert f.shape == (40, 4) and f.dtype == np.float64
     np.testing.assert_allclose(f.mean(0), 0, atol=1e-5)
     np.testing.assert_allclose((f.astype(np.float64) ** 2).sum(1).mean(), 4.0, rtol=1e-4)
     # principal axes: the first component has the largest variance
@@ -68,7 +68,7 @@ def test_like_tasks_shapes_labels_and_bad_items():
     eps = _episodes()
     t = gm.like_tasks(eps, feats, ids)
     assert t.x_support.shape == (5, 6, 8) and t.x_query.shape == (5, 8, 8)
-    np.testing.assert_array_equal(t.y_support.numpy(), (np.stack([e.support_ratings for e in eps]) >= 4).astype(np.float32))
+    np.testing.assert_array_equal(t.y_support.numpy(), (np.stack([e.support_ratings for e in eps]) >= 4).astype(np.float64))
     np.testing.assert_allclose(t.x_query[2, 3].numpy(), feats[eps[2].query_items[3] - 100])
     assert t.mask_support.all() and len(t) == 5
     bad = _episodes(1)

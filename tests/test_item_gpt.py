@@ -47,7 +47,7 @@ def test_item_gpt_learns_a_planted_rule_fast():
     hist, targets, owner = models.leave_last_out(test_seqs)
     assert len(hist) == 100 and (owner == np.arange(100)).all()
     scores = models.score_next_items(model, hist)
-    assert scores.shape == (100, n_items) and scores.dtype == np.float32
+    assert scores.shape == (100, n_items) and scores.dtype == np.float64
     # HR@1 with nothing excluded (the target, s[t-2] + 1, may be in the history of a cycle)
     hr1 = float((scores.argmax(1) == targets).mean())
     assert hr1 > 0.95, hr1
@@ -102,7 +102,7 @@ def _ratings() -> pd.DataFrame:
     return pd.DataFrame({
         "user_id": [1, 1, 1, 1, 1, 2, 2, 3, 3],
         "item_id": [10, 20, 30, 40, 50, 10, 60, 20, 70],
-        "rating": np.ones(9, dtype=np.float32),
+        "rating": np.ones(9, dtype=np.float64),
         "timestamp": ts,
     })
 
@@ -163,7 +163,7 @@ def test_train_and_test_users_are_disjoint_on_a_user_cold_split():
     r = pd.DataFrame({
         "user_id": np.repeat(np.arange(60), 25),
         "item_id": np.concatenate([rng.permutation(80)[:25] for _ in range(60)]),
-        "rating": np.ones(n, dtype=np.float32),
+        "rating": np.ones(n, dtype=np.float64),
         "timestamp": pd.to_datetime(rng.integers(0, 10**6, n), unit="s", utc=True),
     })
     split = tasks.make_split(r, "user-cold", seed=0, max_ratings=None)
@@ -284,7 +284,7 @@ def test_cooccurrence_embeddings_give_the_best_low_rank_approximation():
     seqs = [rng.integers(0, n_items, size=20) for _ in range(40)]
     counts = models.cooccurrence_counts(seqs, n_items, window=3)
     vec = models.cooccurrence_embeddings(counts, dim, seed=0)
-    assert vec.shape == (n_items, dim) and vec.dtype == np.float32
+    assert vec.shape == (n_items, dim) and vec.dtype == np.float64
     sym = np.log1p(counts + counts.T)
     u, s, _ = np.linalg.svd(sym)
     exact = (u[:, :dim] * s[:dim]) @ u[:, :dim].T
@@ -298,7 +298,7 @@ def test_cooccurrence_embeddings_give_the_best_low_rank_approximation():
 
 def test_make_item_gpt_warm_start_sets_item_embeddings_only():
     rng = np.random.default_rng(0)
-    vec = rng.normal(size=(12, 16)).astype(np.float32) * 5 + 1
+    vec = rng.normal(size=(12, 16)).astype(np.float64) * 5 + 1
     cold = models.make_item_gpt(12, max_len=8, n_embd=16, n_head=2, seed=0)
     warm = models.make_item_gpt(12, max_len=8, n_embd=16, n_head=2, seed=0, item_vectors=vec)
     w = warm.transformer.wte.weight.detach().numpy()
@@ -355,7 +355,7 @@ def test_ensemble_scores_are_the_mean_of_member_log_probabilities():
     b = models.make_item_gpt(15, max_len=8, n_embd=16, n_head=2, seed=1)
     hist = [np.array([1, 2, 3]), np.array([7]), np.arange(12) % 15]
     ens = models.score_next_items([a, b], hist)
-    assert ens.shape == (3, 15) and ens.dtype == np.float32
+    assert ens.shape == (3, 15) and ens.dtype == np.float64
     by_hand = []
     for m in (a, b):
         m.eval()  # a fresh GPT2LMHeadModel is in training mode (dropout on)

@@ -107,7 +107,7 @@ def manual_embeddings(lm: LoadedLM, texts: list[str], pooling: str, n_blocks: in
 def test_embed_matches_one_by_one_loop(tiny, tmp_path, pooling):
     got = embed_texts(TEXTS, tiny, pooling=pooling, batch_size=3, cache_dir=tmp_path, normalize=False, progress=False)
     want = manual_embeddings(tiny, TEXTS, pooling)
-    assert got.shape == (len(TEXTS), 32) and got.dtype == np.float32
+    assert got.shape == (len(TEXTS), 32) and got.dtype == np.float64
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)  # order restored after length sorting
 
 

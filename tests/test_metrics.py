@@ -222,7 +222,7 @@ def test_topk_metrics_matches_loop(seed, k):
 
 def test_topk_metrics_agrees_with_ndcg_at_k_and_torch():
     rng = np.random.default_rng(7)
-    scores = rng.normal(size=(10, 50)).astype(np.float32)
+    scores = rng.normal(size=(10, 50)).astype(np.float64)
     relevant = rng.random((10, 50)) < 0.1
     got = M.topk_metrics(torch.from_numpy(scores), torch.from_numpy(relevant), k=10)
     np.testing.assert_allclose(got["ndcg"], M.ndcg_at_k_batch(relevant, scores, k=10, gain="linear"), atol=1e-12)

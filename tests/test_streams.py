@@ -30,7 +30,7 @@ def stream_frames(n_users: int = 6, n_items: int = 20, seed: int = 0):
         ts = 1_000_000_000 + np.sort(rng.integers(0, 5, n)) * 3600 * 24 * rng.integers(1, 3)
         rows += [(u, int(i), float(rng.integers(1, 11)) / 2, int(t)) for i, t in zip(its, ts)]
     ratings = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
-    ratings["rating"] = ratings["rating"].astype(np.float32)
+    ratings["rating"] = ratings["rating"].astype(np.float64)
     ratings["timestamp"] = pd.to_datetime(ratings["timestamp"], unit="s", utc=True)
     items = pd.DataFrame({
         "item_id": np.arange(1, n_items + 1, dtype=np.int64),
@@ -80,7 +80,7 @@ def test_recency_weights_normalisation_and_ratios():
     torch.testing.assert_close(w[0, :3] / w[0, 1:4], torch.full((3,), 0.5))  # ratio gamma per unit of age
     expected = 4 * torch.tensor([0.125, 0.25, 0.5, 1.0]) / 1.875
     torch.testing.assert_close(w[0, :4], expected)
-    torch.testing.assert_close(cs.recency_weights(ages, mask, 1.0), mask.float())  # gamma = 1: plain mean
+    torch.testing.assert_close(cs.recency_weights(ages, mask, 1.0), mask.to(torch.get_default_dtype()))  # gamma = 1: plain mean
     # long histories: no underflow to 0/0
     long = torch.arange(5000, dtype=torch.float64).flip(0)[None]
     wl = cs.recency_weights(long, torch.ones_like(long, dtype=torch.bool), 0.5)

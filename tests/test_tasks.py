@@ -55,7 +55,7 @@ def synth_ratings(n_users: int = 80, n_items: int = 150, seed: int = 0) -> pd.Da
             times = start + np.cumsum(rng.integers(1, 60, size=n)) / 3600
             rows += [(u, 10 * int(j), float(rng.integers(1, 11)) / 2, tt) for j, tt in zip(items, times)]
     df = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
-    df["rating"] = df["rating"].astype("float32")
+    df["rating"] = df["rating"].astype("float64")
     df["timestamp"] = pd.to_datetime(np.round(1.4e9 + df["timestamp"] * 86400), unit="s", utc=True)
     return df.sample(frac=1.0, random_state=1).reset_index(drop=True)
 
@@ -504,7 +504,7 @@ def test_collate_padding_and_masks(ratings, splits):
     S, Q = max(e.k for e in eps), max(e.n for e in eps)
     assert isinstance(batch, EpisodeBatch) and batch.num_tasks == T
     assert batch.support_items.shape == (T, S) and batch.query_items.shape == (T, Q)
-    assert batch.support_items.dtype == torch.long and batch.support_ratings.dtype == torch.float32
+    assert batch.support_items.dtype == torch.long and batch.support_ratings.dtype == torch.float64
     assert batch.support_mask.dtype == torch.bool
     assert batch.support_mask.sum(1).tolist() == [e.k for e in eps]
     assert batch.query_mask.sum(1).tolist() == [e.n for e in eps]
