@@ -25,7 +25,7 @@ from test_book import PAGES, ROOT, n_stored_figures
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-SCREENSHOT_PAGES = ["book/intro.html", "notebooks/08_gpt_meta_recommender.html"]
+SCREENSHOT_PAGES = ["book/intro.html", "notebooks/09_gpt_meta_recommender.html"]
 
 
 def _require_browser():
