@@ -22,7 +22,7 @@ ifneq ($(strip $(MREC_DATA_DIR)),)
 export MREC_DATA_DIR := $(abspath $(MREC_DATA_DIR))
 endif
 
-.PHONY: install book test test-fast execute lab clean
+.PHONY: install book test test-fast execute lab clean check-portable
 
 install: $(STAMP)
 
@@ -46,6 +46,11 @@ test: $(STAMP)
 
 execute: $(STAMP)
 	$(PY) tests/execute_notebooks.py notebooks/*.ipynb $(wildcard book/*.ipynb)
+
+# The machine-sensitive checks (live slices, language-model chapters) under other CPU kernels, thread
+# counts, MKL modes and cache orders, each in a fresh cache; --all runs the whole suite per variant.
+check-portable: $(STAMP)
+	$(PY) tools/check_portable.py
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
