@@ -22,7 +22,7 @@ ifneq ($(strip $(MREC_DATA_DIR)),)
 export MREC_DATA_DIR := $(abspath $(MREC_DATA_DIR))
 endif
 
-.PHONY: install book test test-fast execute lab clean check-portable
+.PHONY: install book test test-fast execute lab clean check-portable export
 
 install: $(STAMP)
 
@@ -46,6 +46,10 @@ test: $(STAMP)
 
 execute: $(STAMP)
 	$(PY) tests/execute_notebooks.py notebooks/*.ipynb $(wildcard book/*.ipynb)
+
+# Package modules that chapters define in cells tagged `export` (tests/test_export.py checks them).
+export: $(STAMP)
+	$(PY) tools/export.py
 
 # The machine-sensitive checks (live slices, language-model chapters) under other CPU kernels, thread
 # counts, MKL modes and cache orders, each in a fresh cache; --all runs the whole suite per variant.
