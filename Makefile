@@ -45,7 +45,7 @@ test: $(STAMP)
 	$(VENV)/bin/pytest --nbval-lax --durations=30 tests notebooks $(wildcard book/*.ipynb)
 
 execute: $(STAMP)
-	$(PY) tests/execute_notebooks.py notebooks/*.ipynb $(wildcard book/*.ipynb)
+	$(PY) tools/execute_notebooks.py notebooks/*.ipynb $(wildcard book/*.ipynb)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
