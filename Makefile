@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Our machines keep a CPU build of this torch on disk; pinning it here stops pip from
+# Where a CPU build of this torch lies on disk (as on the CI machines), pinning it stops pip from
 # downloading a multi-GB CUDA build. Elsewhere override it: `make test TORCH_SPEC=torch`.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
@@ -22,7 +22,7 @@ ifneq ($(strip $(MREC_DATA_DIR)),)
 export MREC_DATA_DIR := $(abspath $(MREC_DATA_DIR))
 endif
 
-.PHONY: install book test test-fast execute lab clean
+.PHONY: install book test test-colab execute colab lab clean
 
 install: $(STAMP)
 
@@ -40,12 +40,22 @@ book: $(STAMP)
 	$(VENV)/bin/jupyter-book build . -W --keep-going
 	@echo "Book built: _build/html/index.html"
 
-# Unit tests, the notebook hygiene checks, every notebook under nbval, and the book build (-W).
+# Unit tests, the notebook hygiene checks, every notebook under nbval, the book build (-W), the
+# browser check, the Colab copies and the simulated Colab run.
 test: $(STAMP)
 	$(VENV)/bin/pytest --nbval-lax --durations=30 tests notebooks $(wildcard book/*.ipynb)
 
+# Only the simulated Colab run (a fresh virtual environment installs the package from this clone).
+test-colab: $(STAMP)
+	$(VENV)/bin/pytest -s tests/test_colab.py::test_simulated_colab
+
+# Runs every notebook in a fresh kernel; stores outputs, run time and the hashes the tests check.
 execute: $(STAMP)
 	$(PY) tools/execute_notebooks.py notebooks/*.ipynb $(wildcard book/*.ipynb)
+
+# Colab copies for students and instructors: _build/colab/{students,instructors}/...
+colab: $(STAMP)
+	$(PY) tools/colab.py --out _build/colab
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
