@@ -22,7 +22,7 @@ ifneq ($(strip $(MREC_DATA_DIR)),)
 export MREC_DATA_DIR := $(abspath $(MREC_DATA_DIR))
 endif
 
-.PHONY: install book test test-colab execute colab lab clean
+.PHONY: install book test test-colab execute colab pdf lab clean
 
 install: $(STAMP)
 
@@ -41,7 +41,7 @@ book: $(STAMP)
 	@echo "Book built: _build/html/index.html"
 
 # Unit tests, the notebook hygiene checks, every notebook under nbval, the book build (-W), the
-# browser check, the Colab copies and the simulated Colab run.
+# browser and PDF checks, the Colab copies and the simulated Colab run.
 test: $(STAMP)
 	$(VENV)/bin/pytest --nbval-lax --durations=30 tests notebooks $(wildcard book/*.ipynb)
 
@@ -56,6 +56,10 @@ execute: $(STAMP)
 # Colab copies for students and instructors: _build/colab/{students,instructors}/...
 colab: $(STAMP)
 	$(PY) tools/colab.py --out _build/colab
+
+# The whole book as one PDF, printed by headless Chromium: _build/pdf/book.pdf
+pdf: $(STAMP)
+	$(PY) tools/pdf.py --out _build/pdf/book.pdf
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
