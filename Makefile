@@ -61,7 +61,10 @@ colab: $(STAMP)
 pdf: $(STAMP)
 	$(PY) tools/pdf.py --out _build/pdf/book.pdf
 
+# JupyterLab with the book's markup rendered (jupyterlab-myst, from the book extra).
 lab: $(STAMP)
+	@$(VENV)/bin/jupyter labextension list 2>&1 | grep -q "jupyterlab-myst.*OK" \
+		|| { echo "jupyterlab-myst is missing or incompatible in $(VENV): make install"; exit 1; }
 	$(VENV)/bin/jupyter lab notebooks/
 
 clean:
