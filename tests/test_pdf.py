@@ -4,7 +4,6 @@ The PDF's text must hold the title of every page in ``_toc.yml`` and no untypese
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -12,12 +11,11 @@ import unicodedata
 from pathlib import Path
 
 import nbformat
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import book_config as bc  # noqa: E402
-import browser  # noqa: E402
+from test_browser import _require_browser  # noqa: E402
 
 
 def _title(path: Path) -> str:
@@ -37,12 +35,7 @@ def _plain(text: str) -> str:
 
 
 def test_pdf_has_every_chapter(tmp_path):
-    missing = browser.missing()
-    if missing:
-        message = f"make pdf needs {missing} (apt-get install chromium chromium-driver)"
-        if os.environ.get("MREC_REQUIRE_BROWSER") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+    _require_browser()  # skips without Chromium, fails instead when MREC_REQUIRE_BROWSER=1
     from pypdf import PdfReader
 
     pdf = tmp_path / "book.pdf"

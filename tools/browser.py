@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import importlib.util
 import os
 import shutil
 import threading
@@ -31,9 +32,7 @@ FLAGS = (
 def missing() -> list[str]:
     """What is missing to drive Chromium (empty when everything is there)."""
     absent = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("selenium") is None:
         absent.append("python package selenium")
     return absent
 
