@@ -82,7 +82,8 @@ def _make_book(root: Path, chapter_md: str, setup_source: str | None = None) -> 
     plot.execution_count = 2
     nb = _nb([nbformat.v4.new_markdown_cell(title), nbformat.v4.new_code_cell(setup),
               nbformat.v4.new_markdown_cell(chapter_md), plot])
-    nb.cells[1].outputs = [nbformat.v4.new_output("stream", text="1\n")]
+    nb.cells[1].outputs = [nbformat.v4.new_output("stream", text="1\n"), nbformat.v4.new_output(
+        "display_data", data={"text/plain": "np.float64(0.87654)"}, metadata={"scrapbook": {"name": "acc", "mime_prefix": ""}})]
     nb.cells[1].execution_count = 1
     path = root / rel
     nbformat.write(nb, path)
@@ -205,12 +206,19 @@ def test_a_notebook_outside_the_canonical_form_is_refused(book):
         colab.export(path, "students", FAKE_SHA, index, path.parents[1])
 
 
+def test_glued_values_are_written_into_both_copies(book):
+    path, index = book("Accuracy {glue:text}`acc:.1%`, raw {glue}`acc`.")
+    for flavour in bc.FLAVOURS:
+        md = _markdown(colab.export(path, flavour, FAKE_SHA, index, path.parents[1]))
+        assert "Accuracy 87.7%, raw np.float64(0.87654)." in md
+
+
 @pytest.mark.parametrize("markup, message", [
     (":::{list-table}\n* - a\n:::", r"directive \{list-table\} has no Colab form"),
     ("{abc}`x`", r"role \{abc\} has no Colab form"),
     ("{numref}`fig-missing`", r"label 'fig-missing' is not defined"),
     ("{cite:p}`nobody2020`", r"citation keys \['nobody2020'\]"),
-    ("{glue:text}`acc:.2f`", r"no stored glue value 'acc'"),
+    ("{glue:text}`loss:.2f`", r"no stored glue value 'loss'"),
 ])
 def test_unknown_markup_is_refused_with_a_clear_message(book, markup, message):
     path, index = book(markup)
