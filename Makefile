@@ -8,6 +8,7 @@ PY := $(VENV)/bin/python
 # Where a CPU build of this torch lies on disk (as on the CI machines), pinning it stops pip from
 # downloading a multi-GB CUDA build. Elsewhere override it: `make test TORCH_SPEC=torch`.
 TORCH_SPEC ?= torch==2.13.0
+export TORCH_SPEC  # the simulated Colab test preinstalls the same torch in its fresh environment
 STAMP := $(VENV)/.installed
 # No MPLBACKEND here: a kernel started with MPLBACKEND=Agg stores no figures (plt.show() draws nothing);
 # matplotlib picks the inline backend in kernels and Agg on headless machines by itself.

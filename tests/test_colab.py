@@ -34,9 +34,9 @@ import setup_cells  # noqa: E402
 # language model. Edit this list when chapters are renamed.
 SIMULATED_COLAB = ["notebooks/01_movielens.ipynb", "notebooks/09_conversational.ipynb"]
 SIMULATED_FLAVOUR = "students"
-# Colab comes with torch installed; this CPU build lies on the test machines' disk (elsewhere pip
-# would download it). pytest and nbval drive the notebook; ipykernel is Colab's kernel.
-PREINSTALLED = ["torch==2.13.0", "pytest", "nbval", "ipykernel"]
+# Colab comes with torch installed: the Makefile's TORCH_SPEC (torch==2.13.0, a CPU build that lies
+# on the test machines' disk). pytest and nbval drive the notebook; ipykernel is Colab's kernel.
+PREINSTALLED = [os.environ.get("TORCH_SPEC", "torch==2.13.0"), "pytest", "nbval", "ipykernel"]
 
 NOTEBOOKS = bc.book_notebooks()
 FAKE_SHA = "0123456789abcdef0123456789abcdef01234567"
