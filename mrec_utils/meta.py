@@ -1,10 +1,10 @@
 """MAML, first-order MAML, ANIL, Meta-SGD and Reptile with :mod:`torch.func`; the one meta-training
 loop; prototypical and matching heads.
 
-Any ``nn.Module`` whose forward is a pure function of its parameters and inputs works (no BatchNorm
-statistics updates). Parameters travel as dictionaries ``{name: tensor}`` (:func:`split_params`):
-``params`` are adapted in the inner loop, ``frozen`` are not (but still meta-learned when they
-require grad: ANIL's body). The core, for a meta-batch of T padded tasks (:class:`mrec_utils.tasks.TaskBatch`):
+Any ``nn.Module`` with a forward that is a pure function of parameters and inputs works. Parameters
+travel as dictionaries ``{name: tensor}`` (:func:`split_params`): ``params`` are adapted in the inner
+loop, ``frozen`` are not (but meta-learned if they require grad: ANIL's body). For a meta-batch of
+T padded tasks (:class:`mrec_utils.tasks.TaskBatch`):
 
 * inner loop (:func:`inner_adapt`): ``theta_i <- theta_i - alpha * grad L_support_i(theta_i)``, K times,
   with ``alpha`` a number or one tensor per parameter (Meta-SGD, Li et al. 2017);
@@ -15,11 +15,10 @@ require grad: ANIL's body). The core, for a meta-batch of T padded tasks (:class
 * Reptile (Nichol, Achiam & Schulman 2018, :func:`reptile_step`): ``phi <- phi + epsilon *
   mean_i(phi_i - phi)``, ``phi_i`` after K SGD steps on task i. Reptile is not an acronym.
 
-Losses are masked means over the real examples; padded rows are zeroed before they reach the model,
-so their content (even NaN) changes nothing, for models that treat examples independently. A task
-without real examples has loss 0, and a task with an empty query set is left out of the mean.
-:func:`meta_train` is the loop that every chapter which meta-trains uses, with a method object
-(:class:`MAML`, :class:`Reptile`, or your own with an ``update`` method).
+Losses are masked means over the real examples; padded rows are zeroed before the model sees them,
+so their content (even NaN) changes nothing. A task without examples has loss 0; one with an empty
+query set is left out of the mean. :func:`meta_train` is the loop of every chapter that meta-trains,
+with a method object (:class:`MAML`, :class:`Reptile`, or your own with an ``update`` method).
 """
 
 from __future__ import annotations
@@ -36,13 +35,10 @@ from torch.func import functional_call, grad, vmap
 from mrec_utils import train
 from mrec_utils.tasks import Inputs, TaskBatch
 
-__all__ = [
-    "Params", "split_params", "functional_forward", "load_params_", "masked_mean",
-    "mse_loss_per_example", "bce_loss_per_example", "cross_entropy_per_example",
-    "inner_adapt", "maml_loss", "maml_loss_loop", "meta_gradient", "meta_step", "reptile_step",
-    "init_meta_sgd_lrs", "MAML", "Reptile", "MetaMethod", "MetaLog", "meta_train",
-    "prototypical_logits", "matching_logits",
-]
+__all__ = ["Params", "split_params", "functional_forward", "load_params_", "masked_mean", "mse_loss_per_example",
+           "bce_loss_per_example", "cross_entropy_per_example", "inner_adapt", "maml_loss", "maml_loss_loop",
+           "meta_gradient", "meta_step", "reptile_step", "init_meta_sgd_lrs", "MAML", "Reptile", "MetaMethod",
+           "MetaLog", "meta_train", "prototypical_logits", "matching_logits"]
 
 Params = dict[str, Tensor]
 """Parameters ``{name: tensor}`` with the names of ``model.named_parameters()``."""
@@ -97,18 +93,8 @@ def _adapt(model, params, frozen, x, y, mask, loss_fn, steps: int, inner_lr: Rat
     return dict(params)
 
 
-def inner_adapt(
-    model: nn.Module,
-    params: Mapping[str, Tensor],
-    frozen: Mapping[str, Tensor] | None,
-    x_s: Inputs,
-    y_s: Tensor,
-    mask_s: Tensor | None = None,
-    *,
-    loss_fn: LossFn,
-    steps: int,
-    inner_lr: Rate,
-) -> Params:
+def inner_adapt(model: nn.Module, params: Mapping[str, Tensor], frozen: Mapping[str, Tensor] | None, x_s: Inputs,
+                y_s: Tensor, mask_s: Tensor | None = None, *, loss_fn: LossFn, steps: int, inner_lr: Rate) -> Params:
     """Adapt ``params`` to one task: ``steps`` full-batch SGD steps on its support set.
 
     ``theta <- theta - inner_lr * grad L_s(theta)``, ``L_s`` the masked mean of ``loss_fn`` over
@@ -129,17 +115,8 @@ def _mean_over_tasks(values: Tensor, task_mask: Tensor) -> Tensor:
     return (values * m).sum(0) / task_mask.sum().clamp_min(1).to(values.dtype)
 
 
-def maml_loss(
-    model: nn.Module,
-    params: Mapping[str, Tensor],
-    frozen: Mapping[str, Tensor] | None,
-    batch: TaskBatch,
-    *,
-    loss_fn: LossFn,
-    steps: int,
-    inner_lr: Rate,
-    first_order: bool = False,
-) -> Tensor:
+def maml_loss(model: nn.Module, params: Mapping[str, Tensor], frozen: Mapping[str, Tensor] | None, batch: TaskBatch,
+              *, loss_fn: LossFn, steps: int, inner_lr: Rate, first_order: bool = False) -> Tensor:
     """The MAML meta-objective of a padded meta-batch, vectorised over tasks with ``vmap``.
 
     ``J = mean_i L_query_i(inner_adapt(params, support_i))`` over the tasks whose query mask is not
@@ -418,18 +395,10 @@ class MetaLog:
     seconds: float = 0.0
 
 
-def meta_train(
-    model: nn.Module,
-    method: MetaMethod,
-    sample_batch: Callable[[int], TaskBatch],
-    n_steps: int,
-    *,
-    optimizer: torch.optim.Optimizer | None = None,
-    validate: Callable[[], float] | None = None,
-    every: int = 1,
-    stop: train.EarlyStopping | None = None,
-    keep: nn.Module | Mapping[str, Tensor] | None = None,
-) -> MetaLog:
+def meta_train(model: nn.Module, method: MetaMethod, sample_batch: Callable[[int], TaskBatch], n_steps: int, *,
+               optimizer: torch.optim.Optimizer | None = None, validate: Callable[[], float] | None = None,
+               every: int = 1, stop: train.EarlyStopping | None = None,
+               keep: nn.Module | Mapping[str, Tensor] | None = None) -> MetaLog:
     """The meta-training loop: sample a meta-batch, take one outer step, validate, keep the best.
 
     Args:

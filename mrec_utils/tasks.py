@@ -4,33 +4,28 @@
 >>> test_eps = make_episodes(split, "test", preset="melu", seed=0)
 >>> check_no_leakage(split, test_eps).raise_if_bad()
 >>> batch = collate_episodes(test_eps[:32], item_index=ItemIndex.from_ids(ratings.item_id))
->>> batch.x_support.shape, batch.mask_support.sum(1)[:3]             # (T, S) and the true sizes
 
-Input: a ratings frame with ``user_id`` (int), ``item_id`` (int), ``rating`` (float) and
-``timestamp`` (datetime64, tz-aware or not, or plain numbers), one row per (user, item), the schema
-of :func:`mrec_utils.data.load_movielens`. Rows are put in the order (user_id, timestamp, item_id)
-everywhere, so every result is independent of the input's row order.
+Input: a ratings frame with ``user_id``, ``item_id`` (ints), ``rating`` and ``timestamp`` (datetime64
+or numbers), one row per (user, item), as :func:`mrec_utils.data.load_movielens` returns. Rows are
+ordered by (user_id, timestamp, item_id) everywhere, so no result depends on the input's row order.
 
-The four scenarios (:data:`SCENARIOS`) say which interactions meta-training may use
-(``split.train``) and, for each evaluation user, which may be *support* (adapted on) and which
-*query* (scored on): the frames ``split.val`` / ``split.test`` hold the evaluation users' candidate
-interactions with the flags ``can_support`` and ``can_query``. A user can be an evaluation user
-only with ``min_ratings`` to ``max_ratings`` candidate interactions (MeLU's 13 and 100).
+A scenario (:data:`SCENARIOS`) says what meta-training may use (``split.train``) and, for each
+evaluation user, which candidate interactions may be *support* and which *query* (the flags
+``can_support`` / ``can_query`` of ``split.val`` / ``split.test``). Evaluation users need
+``min_ratings`` to ``max_ratings`` candidates (MeLU's 13 and 100).
 
-* ``"user-cold"``: new users, known items. Eligible users are drawn at random into test and
-  validation; ``train`` = every interaction of every other user; support and query both come from
-  all of an evaluation user's interactions.
-* ``"item-cold"``: known users, new items (MeLU). The cutoff is the ``item_cutoff_quantile``
-  quantile of all timestamps (``method="lower"``); an item is *new* if first rated strictly after
-  it. ``train`` = every interaction on an old item. Evaluation users have rated an old item (so they
-  are in ``train``); ``cold_support="new"`` draws support and query from their ratings of new
-  items, ``"old"`` takes the support from old items. All eligible users are evaluation users,
-  divided in the ratio ``val_frac : test_frac``.
-* ``"user+item-cold"``: new items as in item-cold, evaluation users drawn as in user-cold;
-  ``train`` = the other users' ratings of old items.
-* ``"temporal"``: per user, the last ``temporal_query_size`` interactions are the query pool and
-  the earlier ones the support pool; ``train`` = everything except the evaluation users' query
-  pools (SASRec's per-user "leave the last n out"; for a global time cut use item-cold).
+* ``"user-cold"``: test and validation users drawn at random; ``train`` = every other user's
+  interactions; support and query from all of an evaluation user's interactions.
+* ``"item-cold"`` (MeLU): an item is *new* if first rated strictly after the cutoff, the
+  ``item_cutoff_quantile`` quantile of all timestamps; ``train`` = every interaction on an old item.
+  Evaluation users have rated an old item; ``cold_support="new"`` draws support and query from their
+  ratings of new items, ``"old"`` the support from old items. All eligible users are evaluation
+  users, divided ``val_frac : test_frac``.
+* ``"user+item-cold"``: new items as in item-cold, users drawn as in user-cold; ``train`` = the other
+  users' ratings of old items.
+* ``"temporal"``: per user, the last ``temporal_query_size`` interactions are the query pool, the
+  earlier ones the support pool; ``train`` = all but the evaluation users' query pools (SASRec's
+  "leave the last n out"; item-cold is the global time cut).
 """
 
 from __future__ import annotations
@@ -44,12 +39,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-__all__ = [
-    "SCENARIOS", "SplitSettings", "Split", "make_split", "scenario_counts",
-    "Episode", "EpisodePreset", "MELU_PRESET", "NotEnoughRatingsError", "make_episodes",
-    "ItemIndex", "TaskBatch", "collate_episodes", "iterate_meta_batches",
-    "LeakageError", "LeakageReport", "check_no_leakage",
-]
+__all__ = ["SCENARIOS", "SplitSettings", "Split", "make_split", "scenario_counts", "Episode", "EpisodePreset",
+           "MELU_PRESET", "NotEnoughRatingsError", "make_episodes", "ItemIndex", "TaskBatch", "collate_episodes",
+           "iterate_meta_batches", "LeakageError", "LeakageReport", "check_no_leakage"]
 
 SCENARIOS: tuple[str, ...] = ("user-cold", "item-cold", "user+item-cold", "temporal")
 _ITEM_SCENARIOS = ("item-cold", "user+item-cold")
@@ -521,17 +513,9 @@ def _episode_frame(source: Split | pd.DataFrame, users, query_pool) -> tuple[pd.
     return source, users
 
 
-def make_episodes(
-    source: Split | pd.DataFrame,
-    users: str | Sequence[int] | np.ndarray | None = None,
-    *,
-    seed: int = 0,
-    order: str = "random",
-    on_short: str = "raise",
-    query_pool: Sequence[int] | np.ndarray | None = None,
-    preset: str | EpisodePreset | None = None,
-    **sizes: int | None,
-) -> list[Episode]:
+def make_episodes(source: Split | pd.DataFrame, users: str | Sequence[int] | np.ndarray | None = None, *, seed: int = 0,
+                  order: str = "random", on_short: str = "raise", query_pool: Sequence[int] | np.ndarray | None = None,
+                  preset: str | EpisodePreset | None = None, **sizes: int | None) -> list[Episode]:
     """One support/query episode per user, seeded per user.
 
     Args:
@@ -626,13 +610,8 @@ class ItemIndex:
         return self.item_ids[arr]
 
 
-def collate_episodes(
-    episodes: Sequence[Episode],
-    *,
-    item_index: ItemIndex | None = None,
-    featurize: Callable[[Tensor], Tensor] | None = None,
-    device: torch.device | str | None = None,
-) -> TaskBatch:
+def collate_episodes(episodes: Sequence[Episode], *, item_index: ItemIndex | None = None,
+                     featurize: Callable[[Tensor], Tensor] | None = None, device: torch.device | str | None = None) -> TaskBatch:
     """Pad episodes into one :class:`TaskBatch`: ``x`` = items, ``y`` = ratings.
 
     ``x_support [T, S]`` holds item indices (``item_index.encode``; padded with its ``pad_index``)
