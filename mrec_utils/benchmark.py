@@ -55,7 +55,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from mrec_utils import meta, train
+from mrec_utils import meta, tasks, train
 from mrec_utils.gpt_meta import HeadSettings
 
 __all__ = ["SPEED_METHODS", "speed_benchmark", "REPORT_METRICS", "LIVE_SLICE", "load_coldstart_per_user", "coldstart_report",
@@ -251,21 +251,22 @@ def speed_benchmark(
     torch.manual_seed(seed)
     base = _melu_mlp(input_dim, hidden).to(device=dev, dtype=dtype)
     batch = _random_batch(n_tasks, n_support, n_query, input_dim, seed, dev, dtype)
+    tb = tasks.TaskBatch(**batch)
     kw = dict(loss_fn=meta.mse_loss_per_example, steps=steps, inner_lr=inner_lr)
 
     # -- gradient agreement on the initial parameters ------------------------------------------
     p0, f0 = meta.split_params(base)
     grads: dict[str, dict[str, torch.Tensor]] = {}
-    _, ref_so = meta.meta_gradient(base, p0, f0, batch, vectorize=False, **kw)
+    _, ref_so = meta.meta_gradient(base, p0, f0, tb, vectorize=False, **kw)
     ref_fo = None
     for m in methods:
         if m == "vmap":
-            grads[m] = meta.meta_gradient(base, p0, f0, batch, **kw)[1]
+            grads[m] = meta.meta_gradient(base, p0, f0, tb, **kw)[1]
         elif m == "loop":
             grads[m] = ref_so
         elif m == "vmap_first_order":
-            grads[m] = meta.meta_gradient(base, p0, f0, batch, first_order=True, **kw)[1]
-            ref_fo = meta.meta_gradient(base, p0, f0, batch, first_order=True, vectorize=False, **kw)[1]
+            grads[m] = meta.meta_gradient(base, p0, f0, tb, first_order=True, **kw)[1]
+            ref_fo = meta.meta_gradient(base, p0, f0, tb, first_order=True, vectorize=False, **kw)[1]
         elif m == "higher":
             model = copy.deepcopy(base)
             _higher_backward(model, batch, steps, torch.optim.SGD(model.parameters(), lr=inner_lr))
@@ -295,7 +296,7 @@ def speed_benchmark(
                 opt.step()
         else:
             def step(model=model, opt=opt, params=params, frozen=frozen, m=m) -> None:
-                meta.meta_step(model, params, frozen, batch, opt, vectorize=(m != "loop"), first_order=(m == "vmap_first_order"), **kw)
+                meta.meta_step(model, params, frozen, tb, opt, vectorize=(m != "loop"), first_order=(m == "vmap_first_order"), **kw)
         steppers[m] = step
 
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3

@@ -294,9 +294,9 @@ class EpisodeTensors:
     def __len__(self) -> int:
         return len(self.user_ids)
 
-    def task_batch(self) -> meta.TaskBatch:
-        """The same tensors as a :class:`mrec_utils.meta.TaskBatch`."""
-        return meta.TaskBatch(self.x_support, self.y_support, self.x_query, self.y_query,
+    def task_batch(self) -> tasks.TaskBatch:
+        """The same tensors as a :class:`mrec_utils.tasks.TaskBatch`."""
+        return tasks.TaskBatch(self.x_support, self.y_support, self.x_query, self.y_query,
                               self.mask_support, self.mask_query)
 
     def subset(self, idx: Any) -> "EpisodeTensors":
@@ -310,7 +310,8 @@ class EpisodeTensors:
 def encode_episodes(features: Features, episodes: Sequence[tasks.Episode], device: Any = None) -> EpisodeTensors:
     """Pad and encode ``episodes`` (from :func:`mrec_utils.tasks.make_episodes`)."""
     b = tasks.collate_episodes(episodes, item_index=features.item_index)
-    codes = torch.as_tensor(features.user_codes(b.user_ids.numpy()))  # [T, F]
+    user_ids = np.array([e.user_id for e in episodes], dtype=np.int64)
+    codes = torch.as_tensor(features.user_codes(user_ids))  # [T, F]
     id_row = torch.as_tensor(features.id_row)
 
     def x_of(items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -321,9 +322,9 @@ def encode_episodes(features: Features, episodes: Sequence[tasks.Episode], devic
 
     dev = torch.device("cpu") if device is None else torch.device(device)
     return EpisodeTensors(
-        b.user_ids.numpy().copy(),
-        x_of(b.support_items, b.support_mask).to(dev), b.support_ratings.to(dev), b.support_mask.to(dev),
-        x_of(b.query_items, b.query_mask).to(dev), b.query_ratings.to(dev), b.query_mask.to(dev),
+        user_ids,
+        x_of(b.x_support, b.mask_support).to(dev), b.y_support.to(dev), b.mask_support.to(dev),
+        x_of(b.x_query, b.mask_query).to(dev), b.y_query.to(dev), b.mask_query.to(dev),
     )
 
 
@@ -592,7 +593,7 @@ def adapt_batch(
     fz = {k: v.detach() for k, v in frozen.items()}
 
     def one(x, yy, m):
-        return meta.inner_adapt(model, p, fz, x, yy, m, loss_fn=loss_fn, steps=steps, inner_lr=lr, first_order=True)
+        return meta.inner_adapt(model, p, fz, x, yy, m, loss_fn=loss_fn, steps=steps, inner_lr=lr)
 
     with torch.no_grad():
         return vmap(one)(x_s, y, mask_s)
@@ -1540,7 +1541,7 @@ def replay_streams(
 
     def sgd_one(p, xx, yy, mm):
         return meta.inner_adapt(model, p, fz, xx, yy, mm, loss_fn=meta.mse_loss_per_example, steps=steps,
-                                inner_lr=lr, first_order=True)
+                                inner_lr=lr)
 
     for t in train.progress(range(1, L), desc=strategy, disable=not progress, leave=False):
         live = mask[:, t]  # streams that have a rating t to predict

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import meta as _meta
+from . import tasks as _tasks
 from . import metrics as _metrics
 from .train import TIE_TOL, pick_best
 
@@ -166,7 +167,7 @@ def lm_item_features(embeddings: Any, n_components: int = 64, fit_rows: Any = No
 
 @dataclass
 class LikeTasks:
-    """Padded like/dislike tasks, one per user (the shapes of :class:`mrec_utils.meta.TaskBatch`).
+    """Padded like/dislike tasks, one per user (the shapes of :class:`mrec_utils.tasks.TaskBatch`).
 
     Attributes:
         x_support: [T, S, D] item features; y_support: [T, S] 1.0 = like, 0.0 = dislike;
@@ -189,12 +190,12 @@ class LikeTasks:
     def __len__(self) -> int:
         return int(self.y_support.shape[0])
 
-    def batch(self, target: str = "like") -> _meta.TaskBatch:
-        """A :class:`mrec_utils.meta.TaskBatch` with like labels (``"like"``) or ratings (``"rating"``)."""
+    def batch(self, target: str = "like") -> _tasks.TaskBatch:
+        """A :class:`mrec_utils.tasks.TaskBatch` with like labels (``"like"``) or ratings (``"rating"``)."""
         if target not in ("like", "rating"):
             raise ValueError(f"target must be 'like' or 'rating', got {target!r}.")
         ys, yq = (self.y_support, self.y_query) if target == "like" else (self.r_support, self.r_query)
-        return _meta.TaskBatch(self.x_support, ys, self.x_query, yq, self.mask_support, self.mask_query)
+        return _tasks.TaskBatch(self.x_support, ys, self.x_query, yq, self.mask_support, self.mask_query)
 
 
 def _item_rows(item_ids: np.ndarray, catalogue: pd.Index, what: str) -> np.ndarray:
@@ -293,7 +294,7 @@ def sample_like_batch(
     rng: np.random.Generator,
     like_threshold: float = 4.0,
     target: str = "like",
-) -> _meta.TaskBatch:
+) -> _tasks.TaskBatch:
     """A random padded meta-batch of training tasks (for meta-training and the global head).
 
     Each task: a random training user, a support size k drawn from ``k_choices`` (capped so that at
@@ -308,7 +309,7 @@ def sample_like_batch(
         target: ``"like"`` (0/1 labels) or ``"rating"``.
 
     Returns:
-        :class:`mrec_utils.meta.TaskBatch` with x [T, S, D], y [T, S], masks [T, S] (same for query).
+        :class:`mrec_utils.tasks.TaskBatch` with x [T, S, D], y [T, S], masks [T, S] (same for query).
     """
     n_tasks = _pos_int("n_tasks", n_tasks)
     n_query = _pos_int("n_query", n_query)
@@ -339,7 +340,7 @@ def sample_like_batch(
     x = features[torch.from_numpy(rows).to(dev)]
     y = torch.from_numpy(vals).to(dev, features.dtype)
     m = torch.from_numpy(mask).to(dev)
-    return _meta.TaskBatch(x[0, :, :s_max], y[0, :, :s_max], x[1, :, :q_max], y[1, :, :q_max], m[0, :, :s_max], m[1, :, :q_max])
+    return _tasks.TaskBatch(x[0, :, :s_max], y[0, :, :s_max], x[1, :, :q_max], y[1, :, :q_max], m[0, :, :s_max], m[1, :, :q_max])
 
 
 class UserHead(nn.Module):
@@ -477,7 +478,7 @@ def adapt_and_score(
 
     def one(xs, ys, ms, xq):
         p = _meta.inner_adapt(model, params, frozen, xs, ys, ms, loss_fn=loss_fn, steps=steps,
-                              inner_lr=None if lrs is not None else inner_lr, lrs=lrs, first_order=True)
+                              inner_lr=lrs if lrs is not None else inner_lr)
         return _meta.functional_forward(model, p, frozen, xq)
 
     with torch.no_grad():
@@ -599,12 +600,12 @@ def pairwise_query_loss(scores: Tensor, y: Tensor, mask: Tensor) -> tuple[Tensor
 
 
 def _residual_outer_loss(model: nn.Module, params: dict[str, Tensor], frozen: dict[str, Tensor], lrs: dict[str, Tensor],
-                         b: _meta.TaskBatch, steps: int, first_order: bool) -> Tensor:
+                         b: _tasks.TaskBatch, steps: int, first_order: bool) -> Tensor:
     """Pairwise query loss after Meta-SGD inner steps on the support BCE, averaged over tasks (vmap)."""
 
     def one(xs, ys, ms, xq, yq, mq):
-        p = _meta.inner_adapt(model, params, frozen, xs, ys, ms, loss_fn=_meta.bce_loss_per_example, steps=steps,
-                              lrs=lrs, first_order=first_order)
+        inner = _meta.MAML(steps, lrs, first_order, loss_fn=_meta.bce_loss_per_example)
+        p = inner.inner_loop(model, params, frozen, xs, ys, ms)
         return pairwise_query_loss(_meta.functional_forward(model, p, frozen, xq), yq, mq)
 
     loss, ok = torch.func.vmap(one)(b.x_support, b.y_support, b.mask_support, b.x_query, b.y_query, b.mask_query)
@@ -686,7 +687,7 @@ def meta_train_residual(
         b = sample_like_batch(pools, features, n_tasks, k_choices, n_query, rng)
         if outer_loss == "bce":
             loss = _meta.meta_step(model, params, frozen, b, opt, loss_fn=_meta.bce_loss_per_example, steps=inner_steps,
-                                   lrs=lrs, first_order=bool(first_order))
+                                   inner_lr=lrs, first_order=bool(first_order))
         else:
             opt.zero_grad(set_to_none=True)
             loss = _residual_outer_loss(model, params, frozen, lrs, b, inner_steps, bool(first_order))

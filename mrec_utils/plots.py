@@ -7,25 +7,17 @@ The matplotlib backend is left alone (inline in notebooks, whatever the user has
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 __all__ = ["PALETTE", "set_style", "new_figure", "finish", "loglog_rank_plot", "bar_counts",
            "SYSTEM_STAGES", "SYSTEM_FLOWS", "SystemDiagram", "system_diagram"]
 
-#: Colour-blind-safe qualitative palette (Okabe & Ito), in the order methods are plotted.
-PALETTE: tuple[str, ...] = (
-    "#0072B2",  # blue
-    "#E69F00",  # orange
-    "#009E73",  # green
-    "#D55E00",  # vermillion
-    "#CC79A7",  # purple
-    "#56B4E9",  # sky blue
-    "#F0E442",  # yellow
-    "#000000",  # black
-)
+#: Colour-blind-safe qualitative palette (Okabe & Ito), in the order methods are plotted: blue, orange,
+#: green, vermillion, purple, sky blue, yellow, black.
+PALETTE: tuple[str, ...] = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
 
 DPI = 110
 
@@ -34,132 +26,54 @@ def set_style() -> None:
     """Apply the book's style: white grid, readable font sizes, dpi 110, :data:`PALETTE`."""
     import seaborn as sns
 
-    sns.set_theme(
-        context="notebook",
-        style="whitegrid",
-        palette=list(PALETTE),
-        rc={
-            "figure.dpi": DPI,
-            "savefig.dpi": DPI,
-            "font.size": 10,
-            "axes.titlesize": 11,
-            "axes.labelsize": 10,
-            "xtick.labelsize": 9,
-            "ytick.labelsize": 9,
-            "legend.fontsize": 9,
-            "axes.spines.top": False,
-            "axes.spines.right": False,
-            "figure.autolayout": False,
-        },
-    )
+    sns.set_theme(context="notebook", style="whitegrid", palette=list(PALETTE), rc={
+        "figure.dpi": DPI, "savefig.dpi": DPI, "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10,
+        "xtick.labelsize": 9, "ytick.labelsize": 9, "legend.fontsize": 9, "axes.spines.top": False,
+        "axes.spines.right": False, "figure.autolayout": False})
 
 
-def new_figure(
-    ncols: int = 1,
-    nrows: int = 1,
-    width: float | None = None,
-    height: float | None = None,
-    **subplots_kw: Any,
-):
-    """Create a figure with a grid of axes.
-
-    Args:
-        ncols, nrows: grid size (>= 1).
-        width, height: figure size in inches; default 4.8 per column and 3.4 per row.
-        **subplots_kw: passed to ``plt.subplots`` (e.g. ``sharey=True``).
-
-    Returns:
-        ``(fig, axes)``: a single ``Axes`` for a 1x1 grid, else a numpy array of Axes.
-    """
-    for name, v in (("ncols", ncols), ("nrows", nrows)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {v!r}.")
-    width = 4.8 * ncols if width is None else width
-    height = 3.4 * nrows if height is None else height
-    if not (width > 0 and height > 0):
-        raise ValueError(f"width and height must be positive inches, got {width!r} x {height!r}.")
+def new_figure(ncols: int = 1, nrows: int = 1, width: float | None = None, height: float | None = None, **subplots_kw):
+    """``(fig, axes)`` with a grid of axes, 4.8 x 3.4 inches per panel unless ``width``/``height``
+    are given; one ``Axes`` for a 1x1 grid, else an array. ``subplots_kw`` go to ``plt.subplots``."""
     subplots_kw.setdefault("layout", "constrained")
-    return plt.subplots(nrows, ncols, figsize=(width, height), dpi=DPI, **subplots_kw)
+    size = (4.8 * ncols if width is None else width, 3.4 * nrows if height is None else height)
+    return plt.subplots(nrows, ncols, figsize=size, dpi=DPI, **subplots_kw)
 
 
 def finish(ax, title: str, xlabel: str, ylabel: str, legend: bool | None = None):
-    """Set title and axis labels (required, non-empty; put units in the labels).
-
-    Args:
-        ax: a matplotlib Axes.
-        title, xlabel, ylabel: non-empty strings, e.g. ``"rating (stars)"``.
-        legend: draw a legend; by default only when some artist has a label.
-
-    Returns:
-        ``ax``.
-    """
+    """Set the title and axis labels that every figure must have (put units in the labels); a legend
+    when ``legend`` (default: when some artist has a label). Returns ``ax``."""
     for name, v in (("title", title), ("xlabel", xlabel), ("ylabel", ylabel)):
         if not isinstance(v, str) or not v.strip():
             raise ValueError(f"every figure needs a {name}: pass a non-empty string (with units for axes).")
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if legend is None:
-        _, labels = ax.get_legend_handles_labels()
-        legend = bool(labels)
-    if legend:
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if legend or (legend is None and ax.get_legend_handles_labels()[1]):
         ax.legend(frameon=False)
     return ax
 
 
-def loglog_rank_plot(ax, counts: Any, label: str | None = None, **plot_kw: Any):
-    """Long-tail plot: counts sorted in decreasing order against their rank, log-log.
-
-    Args:
-        ax: a matplotlib Axes.
-        counts: [n] non-negative counts (array, list or pandas Series), e.g. ratings per item.
-            Zeros are dropped (log scale).
-        label: legend label.
-
-    Returns:
-        the ``Line2D`` drawn.
-    """
+def loglog_rank_plot(ax, counts, label: str | None = None, **plot_kw):
+    """Long-tail plot: non-negative ``counts [n]`` sorted in decreasing order against their rank,
+    both axes logarithmic (zeros dropped). Returns the ``Line2D``."""
     c = np.asarray(counts, dtype=float).ravel()
-    if c.size == 0 or np.isnan(c).any() or (c < 0).any():
-        raise ValueError("counts must be a non-empty array of non-negative numbers without NaN.")
     c = np.sort(c[c > 0])[::-1]
-    if c.size == 0:
-        raise ValueError("counts are all zero; nothing to plot on a log scale.")
     (line,) = ax.plot(np.arange(1, c.size + 1), c, label=label, **plot_kw)
     ax.set_xscale("log")
     ax.set_yscale("log")
     return line
 
 
-def bar_counts(ax, series: Any, color: str | None = None, rotate: float | None = None, **bar_kw: Any):
-    """Bar chart of a pandas Series (index -> bar labels, values -> heights), in series order.
-
-    Args:
-        ax: a matplotlib Axes.
-        series: a pandas Series (or dict) of non-negative numbers.
-        color: bar colour (default ``PALETTE[0]``).
-        rotate: tick-label rotation in degrees (default 45 when more than 8 bars).
-
-    Returns:
-        the ``BarContainer``.
-    """
+def bar_counts(ax, series, color: str | None = None, rotate: float | None = None, **bar_kw):
+    """Bars of a pandas Series (or dict) in its order: index -> labels, values -> heights; labels
+    rotated by 45 degrees when there are more than 8 (or by ``rotate``). Returns the bars."""
     import pandas as pd
 
-    if isinstance(series, dict):
-        series = pd.Series(series)
-    if not isinstance(series, pd.Series):
-        raise TypeError(f"series must be a pandas Series or dict, got {type(series).__name__}.")
-    if len(series) == 0:
-        raise ValueError("series is empty; nothing to plot.")
-    values = pd.to_numeric(series, errors="coerce").to_numpy(dtype=float)
-    if np.isnan(values).any():
-        raise ValueError("series holds non-numeric or missing values.")
-    labels = [str(i) for i in series.index]
-    bars = ax.bar(np.arange(len(values)), values, color=color or PALETTE[0], **bar_kw)
-    ax.set_xticks(np.arange(len(values)))
-    if rotate is None:
-        rotate = 45 if len(values) > 8 else 0
-    ax.set_xticklabels(labels, rotation=rotate, ha="right" if rotate else "center")
+    series = pd.Series(series)
+    x = np.arange(len(series))
+    bars = ax.bar(x, series.to_numpy(dtype=float), color=color or PALETTE[0], **bar_kw)
+    rotate = (45 if len(series) > 8 else 0) if rotate is None else rotate
+    ax.set_xticks(x)
+    ax.set_xticklabels([str(i) for i in series.index], rotation=rotate, ha="right" if rotate else "center")
     return bars
 
 
@@ -170,36 +84,25 @@ def bar_counts(ax, series: Any, color: str | None = None, rotate: float | None =
 SYSTEM_STAGES: tuple[tuple[str, str, str], ...] = (
     ("User data", "a few ratings, item text", "chapters 1–2"),
     ("Meta-learner", "adapts to one user\nfrom a support set", "chapters 3–6"),
-    ("Language model", "reads item text and\nthe user's history", "chapters 7–8"),
-    ("Recommendations", "ranked list,\nexplanation", "chapters 8–10"),
-    ("Feedback", "new ratings, clicks,\nreplies in a dialogue", "chapters 6, 9"),
+    ("Language model", "reads item text and\nthe user's history", "chapters 7–10"),
+    ("Recommendations", "ranked list,\nexplanation", "chapters 9–12"),
+    ("Feedback", "new ratings, clicks,\nreplies in a dialogue", "chapters 6, 11"),
 )
 
 #: What travels along each arrow of the loop (from stage i to stage i + 1, the last back to 0).
-SYSTEM_FLOWS: tuple[str, ...] = (
-    "support set",
-    "adapted\nparameters",
-    "item scores",
-    "shown to the user",
-    "appended to the history",
-)
+SYSTEM_FLOWS: tuple[str, ...] = ("support set", "adapted\nparameters", "item scores", "shown to the user",
+                                 "appended to the history")
 
 
 @dataclass
 class SystemDiagram:
-    """What :func:`system_diagram` drew, for captions and tests.
-
-    Attributes:
-        boxes: stage label -> ``(x0, y0, width, height)`` of its box in data coordinates.
-        patches: stage label -> the ``FancyBboxPatch`` drawn for it.
-        arrows: ``(source label, target label, (x, y) start, (x, y) end)`` in loop order.
-        arrow_patches: the ``FancyArrowPatch`` objects, same order as ``arrows``.
-    """
+    """What :func:`system_diagram` drew: per stage label its box ``(x0, y0, width, height)`` and patch;
+    the arrows ``(source, target, (x, y) start, (x, y) end)`` in loop order and their patches."""
 
     boxes: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
-    patches: dict[str, Any] = field(default_factory=dict)
+    patches: dict[str, FancyBboxPatch] = field(default_factory=dict)
     arrows: list[tuple[str, str, tuple[float, float], tuple[float, float]]] = field(default_factory=list)
-    arrow_patches: list[Any] = field(default_factory=list)
+    arrow_patches: list[FancyArrowPatch] = field(default_factory=list)
 
 
 def _box_exit(box: tuple[float, float, float, float], toward: tuple[float, float], gap: float) -> tuple[float, float]:
@@ -209,41 +112,21 @@ def _box_exit(box: tuple[float, float, float, float], toward: tuple[float, float
     cx, cy = x0 + w / 2, y0 + h / 2
     dx, dy = toward[0] - cx, toward[1] - cy
     norm = float(np.hypot(dx, dy))
-    if norm == 0:
-        raise ValueError("two boxes of the diagram share a centre.")
     # scale t so that (cx + t dx, cy + t dy) hits the nearest edge
     t = min((w / 2) / abs(dx) if dx else np.inf, (h / 2) / abs(dy) if dy else np.inf)
     return cx + t * dx + gap * dx / norm, cy + t * dy + gap * dy / norm
 
 
 def system_diagram(ax, *, details: bool = True, title: str | None = "How the pieces fit together") -> SystemDiagram:
-    """Draw the book's system diagram: user data -> meta-learner -> language model ->
-    recommendations -> feedback -> back to user data, as five boxes joined by arrows.
-
-    The first three stages run left to right along the top row; recommendations and feedback
-    run right to left along the bottom row, closing the loop. Each arrow is labelled with what
-    travels along it (:data:`SYSTEM_FLOWS`). Drawn with plain matplotlib patches, so the figure
-    needs nothing but matplotlib to render (no internet, no graphviz).
+    """Draw the book's system diagram, five boxes in a loop: user data -> meta-learner -> language
+    model (top row, left to right) -> recommendations -> feedback (bottom row, right to left) -> back,
+    each arrow labelled with what travels along it. Plain matplotlib patches: no internet, no graphviz.
 
     Args:
-        ax: a matplotlib Axes (its limits are set to ``[0, 14] x [0, 6.6]``, axis hidden,
-            aspect equal). A figure about 10 x 5 inches reads well.
-        details: also print, under each label, what the stage does and which chapters build it.
-        title: axes title; ``None`` for none.
-
-    Returns:
-        a :class:`SystemDiagram` with the boxes and arrows in data coordinates.
+        ax: an Axes (limits set to ``[0, 14] x [0, 6.6]``, axis hidden); about 10 x 5 inches reads well.
+        details: print under each label what the stage does and which chapters build it.
+        title: axes title, or None.
     """
-    from matplotlib.axes import Axes
-    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
-
-    if not isinstance(ax, Axes):
-        raise TypeError(f"ax must be a matplotlib Axes (e.g. from plots.new_figure()), got {type(ax).__name__}.")
-    if not isinstance(details, bool):
-        raise TypeError(f"details must be True or False, got {details!r}.")
-    if title is not None and not isinstance(title, str):
-        raise TypeError(f"title must be a string or None, got {type(title).__name__}.")
-
     w, h = 3.0, 1.7
     top, bottom = 4.2, 0.6
     # centres: top row left -> right, bottom row right -> left

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mrec_utils import benchmark
+from mrec_utils.tasks import TaskBatch
 
 HAS_HIGHER = importlib.util.find_spec("higher") is not None
 TINY = dict(input_dim=6, hidden=5, n_tasks=3, n_support=4, n_query=3, steps=2, warmup=0, repeats=1)
@@ -39,7 +40,7 @@ def test_speed_gradients_really_compared():
 
     torch.manual_seed(0)
     model = benchmark._melu_mlp(6, 5)
-    batch = benchmark._random_batch(3, 4, 3, 6, 0, torch.device("cpu"), torch.get_default_dtype())
+    batch = TaskBatch(**benchmark._random_batch(3, 4, 3, 6, 0, torch.device("cpu"), torch.get_default_dtype()))
     p, f = meta.split_params(model)
     kw = dict(loss_fn=meta.mse_loss_per_example, steps=2, inner_lr=0.5)
     _, g2 = meta.meta_gradient(model, p, f, batch, **kw)
@@ -78,11 +79,11 @@ def test_hand_batched_reference_is_the_second_order_meta_gradient():
     batch = benchmark._random_batch(4, 5, 3, 6, 1, torch.device("cpu"), torch.float64)
     p, f = meta.split_params(model)
     kw = dict(loss_fn=meta.mse_loss_per_example, steps=3, inner_lr=0.3)
-    loss, ref = meta.meta_gradient(model, p, f, batch, vectorize=False, **kw)
+    loss, ref = meta.meta_gradient(model, p, f, TaskBatch(**batch), vectorize=False, **kw)
     got_loss = benchmark._bmm_backward(model, batch, 3, 0.3)
     assert float(got_loss) == pytest.approx(float(loss), rel=1e-12)
     got = benchmark._grad_dict(model)
     abs_d, rel_d = benchmark._grad_diff(got, ref)
     assert rel_d < 1e-10, (abs_d, rel_d)
-    _, fo = meta.meta_gradient(model, p, f, batch, first_order=True, **kw)
+    _, fo = meta.meta_gradient(model, p, f, TaskBatch(**batch), first_order=True, **kw)
     assert benchmark._grad_diff(got, fo)[1] > 1e-4  # and it is not the first-order one

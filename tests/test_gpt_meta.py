@@ -430,7 +430,7 @@ def test_meta_sgd_meta_gradient_matches_finite_differences():
 
     def J(w, c, aw, ab):
         return meta.maml_loss(res, {"user_w": w, "user_b": c}, frozen, b, loss_fn=meta.bce_loss_per_example, steps=2,
-                              lrs={"user_w": aw, "user_b": ab})
+                              inner_lr={"user_w": aw, "user_b": ab})
 
     grads = torch.autograd.grad(J(*wrt), wrt)
     eps = 1e-6

@@ -40,15 +40,7 @@ def test_mae_bad_inputs(t, p, err):
         M.mae(t, p)
 
 
-# ----------------------------------------------------------------------------- DCG / nDCG
-def test_dcg_hand():
-    # gains [3, 0, 7] at ranks 1..3: 3/log2(2) + 0/log2(3) + 7/log2(4) = 3 + 0 + 3.5 = 6.5
-    assert M.dcg_at_k([3, 0, 7], 3) == pytest.approx(6.5)
-    # cutoff k=1 keeps only 3; k beyond length uses everything
-    assert M.dcg_at_k([3, 0, 7], 1) == pytest.approx(3.0)
-    assert M.dcg_at_k([3, 0, 7], 10) == pytest.approx(6.5)
-
-
+# ----------------------------------------------------------------------------- nDCG
 def test_ndcg_hand_exponential_and_linear():
     # grades [3, 2, 0], scores [0.1, 0.9, 0.5] -> order: item1 (2), item2 (0), item0 (3)
     # exponential gains in rank order [3, 0, 7]: DCG = 6.5; ideal [7, 3, 0]: 7 + 3/log2(3)

@@ -18,11 +18,11 @@ import torch
 from mrec_utils.tasks import (
     MELU_PRESET,
     SCENARIOS,
-    EpisodeBatch,
     ItemIndex,
     LeakageError,
     NotEnoughRatingsError,
     Split,
+    TaskBatch,
     check_no_leakage,
     collate_episodes,
     iterate_meta_batches,
@@ -502,34 +502,30 @@ def test_collate_padding_and_masks(ratings, splits):
     batch = collate_episodes(eps, item_index=index)
     T = len(eps)
     S, Q = max(e.k for e in eps), max(e.n for e in eps)
-    assert isinstance(batch, EpisodeBatch) and batch.num_tasks == T
-    assert batch.support_items.shape == (T, S) and batch.query_items.shape == (T, Q)
-    assert batch.support_items.dtype == torch.long and batch.support_ratings.dtype == torch.float64
-    assert batch.support_mask.dtype == torch.bool
-    assert batch.support_mask.sum(1).tolist() == [e.k for e in eps]
-    assert batch.query_mask.sum(1).tolist() == [e.n for e in eps]
-    assert batch.user_ids.tolist() == [e.user_id for e in eps]
+    assert isinstance(batch, TaskBatch) and len(batch) == T
+    assert batch.x_support.shape == (T, S) and batch.x_query.shape == (T, Q)
+    assert batch.x_support.dtype == torch.long and batch.y_support.dtype == torch.float64
+    assert batch.mask_support.dtype == torch.bool
+    assert batch.mask_support.sum(1).tolist() == [e.k for e in eps]
+    assert batch.mask_query.sum(1).tolist() == [e.n for e in eps]
     for r, e in enumerate(eps):
-        np.testing.assert_array_equal(index.decode(batch.support_items[r, : e.k].numpy()), e.support_items)
-        np.testing.assert_array_equal(batch.query_ratings[r, : e.n].numpy(), e.query_ratings)
-        np.testing.assert_array_equal(batch.query_times[r, : e.n].numpy(), e.query_times)
-        assert (batch.support_items[r, e.k:] == index.pad_index).all()
-        assert (batch.support_ratings[r, e.k:] == 0).all() and not batch.support_mask[r, e.k:].any()
-        assert (batch.query_items[r, e.n:] == index.pad_index).all()
-    assert batch.pad_index == index.pad_index == len(index)
+        np.testing.assert_array_equal(index.decode(batch.x_support[r, : e.k].numpy()), e.support_items)
+        np.testing.assert_array_equal(batch.y_query[r, : e.n].numpy(), e.query_ratings)
+        assert (batch.x_support[r, e.k:] == index.pad_index).all()
+        assert (batch.y_support[r, e.k:] == 0).all() and not batch.mask_support[r, e.k:].any()
+        assert (batch.x_query[r, e.n:] == index.pad_index).all()
+    assert index.pad_index == len(index)
     # raw ids: padded with -1 (never a valid embedding row)
     raw = collate_episodes(eps)
-    assert raw.pad_index == -1 and (raw.support_items[~raw.support_mask] == -1).all()
-    # fixed shapes
-    fixed = collate_episodes(eps, pad_to=(S + 2, Q + 1), item_index=index)
-    assert fixed.support_items.shape == (T, S + 2) and fixed.query_items.shape == (T, Q + 1)
-    assert fixed.support_mask.sum().item() == batch.support_mask.sum().item()
-    with pytest.raises(ValueError, match="smaller than the largest"):
-        collate_episodes(eps, pad_to=S - 1)
+    assert (raw.x_support[~raw.mask_support] == -1).all()
+    assert raw.x_support[0, : eps[0].k].tolist() == eps[0].support_items.tolist()
     with pytest.raises(ValueError, match="empty"):
         collate_episodes([])
-    with pytest.raises(TypeError):
-        collate_episodes(eps[0])
+    # subset and masks: None means "all real"
+    sub = batch.subset([3, 1])
+    assert torch.equal(sub.x_support, batch.x_support[[3, 1]]) and torch.equal(sub.mask_query, batch.mask_query[[3, 1]])
+    plain = TaskBatch(batch.x_support, batch.y_support, batch.x_query, batch.y_query)
+    assert plain.mask_support.all() and plain.mask_query.shape == batch.y_query.shape
 
 
 def test_collate_featurize_never_sees_padding(ratings, splits):
@@ -543,11 +539,12 @@ def test_collate_featurize_never_sees_padding(ratings, splits):
         return table[idx]
 
     batch = collate_episodes(eps, featurize=featurize, item_index=index)
+    items = collate_episodes(eps, item_index=index).x_support
     assert all((s < len(index)).all() for s in seen)
-    assert batch.support_features.shape == batch.support_items.shape + (3,)
-    m = batch.support_mask
-    torch.testing.assert_close(batch.support_features[m], table[batch.support_items[m]])
-    assert (batch.support_features[~m] == 0).all() and (batch.query_features[~batch.query_mask] == 0).all()
+    assert batch.x_support.shape == items.shape + (3,)
+    m = batch.mask_support
+    torch.testing.assert_close(batch.x_support[m], table[items[m]])
+    assert (batch.x_support[~m] == 0).all() and (batch.x_query[~batch.mask_query] == 0).all()
 
 
 def test_vmap_over_padded_tasks_matches_a_loop(splits):
@@ -559,7 +556,7 @@ def test_vmap_over_padded_tasks_matches_a_loop(splits):
         return (((q_r - mu) ** 2) * q_m).sum() / q_m.sum()
 
     got = torch.func.vmap(task_loss)(
-        batch.support_ratings, batch.support_mask.float(), batch.query_ratings, batch.query_mask.float()
+        batch.y_support, batch.mask_support.float(), batch.y_query, batch.mask_query.float()
     )
     want = [float(np.mean((e.query_ratings - np.mean(e.support_ratings)) ** 2)) for e in eps]
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
@@ -568,22 +565,19 @@ def test_vmap_over_padded_tasks_matches_a_loop(splits):
 def test_iterate_meta_batches(splits):
     eps = make_episodes(splits["user-cold"], "test", k_support=2, n_query=2)
     batches = list(iterate_meta_batches(eps, batch_size=5, seed=0))
-    assert [b.num_tasks for b in batches] == [5] * (len(eps) // 5) + ([len(eps) % 5] if len(eps) % 5 else [])
-    ids = torch.cat([b.user_ids for b in batches]).tolist()
-    assert sorted(ids) == sorted(e.user_id for e in eps) and ids != [e.user_id for e in eps]
-    again = torch.cat([b.user_ids for b in iterate_meta_batches(eps, 5, seed=0)]).tolist()
-    other = torch.cat([b.user_ids for b in iterate_meta_batches(eps, 5, seed=1)]).tolist()
-    assert again == ids and other != ids
-    plain = torch.cat([b.user_ids for b in iterate_meta_batches(eps, 5, shuffle=False)]).tolist()
-    assert plain == [e.user_id for e in eps]
-    assert all(b.num_tasks == 5 for b in iterate_meta_batches(eps, 5, drop_last=True))
+    assert [len(b) for b in batches] == [5] * (len(eps) // 5) + ([len(eps) % 5] if len(eps) % 5 else [])
+    order = np.random.default_rng(0).permutation(len(eps))  # a seeded permutation, one pass
+    want = collate_episodes([eps[i] for i in order])
+    assert torch.equal(torch.cat([b.x_query for b in batches]), want.x_query)
+    other = torch.cat([b.x_query for b in iterate_meta_batches(eps, 5, seed=1)])
+    assert not torch.equal(other, want.x_query) and sorted(other[:, 0].tolist()) == sorted(want.x_query[:, 0].tolist())
     with pytest.raises(ValueError, match="batch_size"):
         next(iterate_meta_batches(eps, 0))
 
 
 def test_item_index():
     index = ItemIndex.from_ids([30, 0, 10, 10, 7])
-    assert index.item_ids.tolist() == [0, 7, 10, 30] and index.pad_index == 4 and index.num_embeddings == 5
+    assert index.item_ids.tolist() == [0, 7, 10, 30] and index.pad_index == 4 and len(index) == 4
     np.testing.assert_array_equal(index.encode([[10, 0], [30, 7]]), [[2, 0], [3, 1]])
     np.testing.assert_array_equal(index.decode(index.encode([30, 0, 7])), [30, 0, 7])
     with pytest.raises(KeyError, match="not in this ItemIndex"):
@@ -598,8 +592,8 @@ def test_collate_on_cuda(splits):
     eps = _episodes(splits)
     table = torch.randn(10**4, 2, device="cuda")
     b = collate_episodes(eps, device="cuda", featurize=lambda i: table[i % 10**4])
-    assert b.support_items.is_cuda and b.support_features.is_cuda and b.support_mask.is_cuda
-    assert b.to("cpu").support_items.device.type == "cpu"
+    assert b.x_support.is_cuda and b.y_support.is_cuda and b.mask_support.is_cuda
+    assert b.to("cpu").x_support.device.type == "cpu"
 
 
 # --------------------------------------------------------------------------- real data

@@ -124,6 +124,18 @@ def test_early_stopping_keeps_and_restores_best_state():
         T.EarlyStopping().restore(model)
 
 
+def test_early_stopping_keeps_a_dict_of_tensors_and_never_stops_without_patience():
+    state = {"w": torch.zeros(3), "lr": torch.ones(())}
+    es = T.EarlyStopping(patience=None, mode="max")
+    for i, value in enumerate([0.1, 0.5, 0.2, 0.3, 0.5 + 1e-12, 0.4]):  # a gain below TIE_TOL is a tie
+        state["w"] += 1.0
+        state["lr"] *= 2
+        assert es.step(value, state) is False
+    assert es.best_step == 1 and es.best == 0.5
+    es.restore(state)
+    assert state["w"].tolist() == [2.0, 2.0, 2.0] and state["lr"].item() == 4.0
+
+
 @pytest.mark.parametrize(
     "kw", [dict(patience=0), dict(patience=1.5), dict(min_delta=-0.1), dict(mode="best")]
 )
