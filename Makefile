@@ -5,9 +5,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Our machines keep a CPU build of this torch on disk; pinning it here stops pip from
+# Where a CPU build of this torch lies on disk (as on the CI machines), pinning it stops pip from
 # downloading a multi-GB CUDA build. Elsewhere override it: `make test TORCH_SPEC=torch`.
 TORCH_SPEC ?= torch==2.13.0
+export TORCH_SPEC  # the simulated Colab test preinstalls the same torch in its fresh environment
 STAMP := $(VENV)/.installed
 # No MPLBACKEND here: a kernel started with MPLBACKEND=Agg stores no figures (plt.show() draws nothing);
 # matplotlib picks the inline backend in kernels and Agg on headless machines by itself.
@@ -22,7 +23,7 @@ ifneq ($(strip $(MREC_DATA_DIR)),)
 export MREC_DATA_DIR := $(abspath $(MREC_DATA_DIR))
 endif
 
-.PHONY: install book test test-fast execute lab clean
+.PHONY: install book test test-colab execute export colab pdf lab check-portable clean
 
 install: $(STAMP)
 
@@ -40,14 +41,40 @@ book: $(STAMP)
 	$(VENV)/bin/jupyter-book build . -W --keep-going
 	@echo "Book built: _build/html/index.html"
 
-# Unit tests, the notebook hygiene checks, every notebook under nbval, and the book build (-W).
+# Unit tests, the notebook hygiene checks, every notebook under nbval, the book build (-W), the
+# browser and PDF checks, the Colab copies and the simulated Colab run.
 test: $(STAMP)
 	$(VENV)/bin/pytest --nbval-lax --durations=30 tests notebooks $(wildcard book/*.ipynb)
 
-execute: $(STAMP)
-	$(PY) tests/execute_notebooks.py notebooks/*.ipynb $(wildcard book/*.ipynb)
+# Only the simulated Colab run (a fresh virtual environment installs the package from this clone).
+test-colab: $(STAMP)
+	$(VENV)/bin/pytest -s tests/test_colab.py::test_simulated_colab
 
+# Package modules that chapters define in cells tagged `export` (tests/test_export.py checks them).
+export: $(STAMP)
+	$(PY) tools/export.py
+
+# The machine-sensitive checks (live slices, language-model chapters) under other CPU kernels, thread
+# counts, MKL modes and cache orders, each in a fresh cache; --all runs the whole suite per variant.
+check-portable: $(STAMP)
+	$(PY) tools/check_portable.py
+
+# Runs every notebook in a fresh kernel; stores outputs, run time and the hashes the tests check.
+execute: $(STAMP)
+	$(PY) tools/execute_notebooks.py notebooks/*.ipynb $(wildcard book/*.ipynb)
+
+# Colab copies for students and instructors: _build/colab/{students,instructors}/...
+colab: $(STAMP)
+	$(PY) tools/colab.py --out _build/colab
+
+# The whole book as one PDF, printed by headless Chromium: _build/pdf/book.pdf
+pdf: $(STAMP)
+	$(PY) tools/pdf.py --out _build/pdf/book.pdf
+
+# JupyterLab with the book's markup rendered (jupyterlab-myst, from the book extra).
 lab: $(STAMP)
+	@$(VENV)/bin/jupyter labextension list 2>&1 | grep -q "jupyterlab-myst.*OK" \
+		|| { echo "jupyterlab-myst is missing or incompatible in $(VENV): make install"; exit 1; }
 	$(VENV)/bin/jupyter lab notebooks/
 
 clean:

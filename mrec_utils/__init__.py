@@ -10,4 +10,4 @@ Recommender Systems*. Each module has one job; see the book's chapters for how t
 - ``benchmark``: ``python -m mrec_utils.benchmark ...``.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -41,6 +41,11 @@ def test_every_toc_entry_is_rendered(built_book):
 
 # ---------------------------------------------------------------- book polish (issue 7, section 3)
 import re  # noqa: E402
+import sys  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tools"))
+import book_config  # noqa: E402
+import colab  # noqa: E402
 
 NOTEBOOK_CHAPTERS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 IMAGE_MIMES = ("image/png", "image/svg+xml")
@@ -96,13 +101,39 @@ def test_labelled_figures_are_numbered_in_the_page(built_book, nb):
 
 @pytest.mark.parametrize("nb", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_launch_buttons_point_at_the_page_notebook(built_book, nb):
-    config = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8"))
-    repo = config["repository"]["url"].rstrip("/").replace("https://github.com/", "")
-    branch = config["repository"].get("branch", "main")
+    """Binder opens the page's notebook; Colab opens its published Colab copy (the title badge),
+    never the book's source notebook, whose markup Colab cannot render."""
+    repo, branch = book_config.repo_slug(), book_config.main_branch()
     rel = nb.relative_to(ROOT).as_posix()
     text = (built_book / nb.relative_to(ROOT).with_suffix(".html")).read_text(encoding="utf-8")
-    assert f'href="https://colab.research.google.com/github/{repo}/blob/{branch}/{rel}"' in text, f"{rel}: Colab button"
     assert f'href="https://mybinder.org/v2/gh/{repo}/{branch}?urlpath=lab/tree/{rel}"' in text, f"{rel}: Binder button"
+    assert f'href="{book_config.colab_url(rel)}"' in text, f"{rel}: the Colab badge must open the published copy"
+    colab_links = set(re.findall(r'href="(https://colab\.research\.google\.com/[^"]*)"', text))
+    assert colab_links == {book_config.colab_url(rel)}, f"{rel}: other Colab links {colab_links}"
+    assert 'src="../_images/colab-badge.svg"' in text, f"{rel}: the badge image must be the local copy"
+
+
+def _html_numbers(text: str) -> dict[str, int]:
+    """Label -> number, for the figures and labelled equations of one built page."""
+    found = {}
+    for m in re.finditer(r'id="(?P<label>[^"]+)"(?:(?!id=").)*?<span class="caption-number">Fig\. (?P<n>\d+) ', text, re.S):
+        found[m.group("label")] = int(m.group("n"))
+    for m in re.finditer(r'id="equation-(?P<label>[^"]+)">\s*<span class="eqno">\((?P<n>\d+)\)', text):
+        found[m.group("label")] = int(m.group("n"))
+    return found
+
+
+def test_colab_copies_number_figures_and_equations_as_the_book_does(built_book):
+    """tools/colab.py numbers figures and equations itself (the copies say "Fig. 3", "(8)"):
+    the numbers must be the ones the built book shows."""
+    index = colab.book_index()
+    pages = {t.page for t in index.targets.values() if t.number is not None}
+    assert pages, "the book has no numbered figure or equation"
+    for page in sorted(pages):
+        html = (built_book / page).with_suffix(".html").read_text(encoding="utf-8")
+        shown = _html_numbers(html)
+        expected = {label: t.number for label, t in index.targets.items() if t.page == page and t.number is not None}
+        assert expected and {k: shown.get(k) for k in expected} == expected, f"{page}: numbers differ from the book"
 
 
 @pytest.mark.parametrize("nb", NOTEBOOK_CHAPTERS, ids=lambda p: p.relative_to(ROOT).as_posix())

@@ -2,8 +2,9 @@
 
 nbval (``pytest --nbval-lax notebooks``) re-executes each notebook; these tests check the *stored*
 copy: executed once, in order, in a fresh kernel, with no errors, no local paths, a title cell with
-an Open-in-Colab badge built from the repository URL in ``_config.yml``, and code hashes that match
-the current code (otherwise: ``make execute``).
+an Open-in-Colab badge built from the repository URL in ``_config.yml``, and hashes that match the
+current code: the notebook's code cells and the package files it imports, transitively
+(``tools/deps.py``; otherwise: ``make execute``).
 """
 from __future__ import annotations
 
@@ -17,16 +18,12 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from execute_notebooks import code_hash, package_hash  # noqa: E402
+sys.path.insert(0, str(ROOT / "tools"))
+import book_config  # noqa: E402
+from deps import code_hash, package_files  # noqa: E402
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb")) + sorted((ROOT / "book").glob("*.ipynb"))
 LOCAL_PATH = re.compile(r"(/(work|root|home|tmp|Users)/[^\s\"']*)|([A-Za-z]:\\\\Users)")
-
-
-def _repo_url() -> str:
-    config = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8"))
-    return config["repository"]["url"].rstrip("/")
 
 
 def _toc_files() -> set[str]:
@@ -70,8 +67,12 @@ def test_stored_outputs_are_clean_and_current(path):
     assert meta.get("code_hash") == code_hash(nb), (
         f"{path.name}: code cells changed since the outputs were stored; run make execute"
     )
-    assert meta.get("package_hash") == package_hash(), (
-        f"{path.name}: mrec_utils changed since the outputs were stored; run make execute"
+    stored, current = meta.get("package_files", {}), package_files(nb)
+    changed = sorted(f for f in stored.keys() | current.keys() if stored.get(f) != current.get(f))
+    assert not changed, (
+        f"{path.name}: package files it imports changed since the outputs were stored: {changed}; "
+        f"run make execute (or, only if the change cannot alter any output: "
+        f"python tools/execute_notebooks.py --stamp-only {path.relative_to(ROOT).as_posix()})"
     )
 
 
@@ -82,7 +83,6 @@ def test_title_cell_has_colab_badge_and_learning_goals(path):
     assert first.cell_type == "markdown" and first.source.lstrip().startswith("# "), (
         f"{path.name}: the first cell must be a markdown title cell"
     )
-    url = _repo_url().replace("https://github.com/", "https://colab.research.google.com/github/")
-    expected = f"{url}/blob/main/{path.relative_to(ROOT).as_posix()}"
-    assert expected in first.source, f"{path.name}: the Colab badge must link to {expected}"
+    expected = book_config.badge_markdown(path.relative_to(ROOT))
+    assert expected in first.source, f"{path.name}: the Colab badge must be {expected} (python tools/setup_cells.py --write)"
     assert "learn" in first.source.lower(), f"{path.name}: the title cell must say what the reader will learn"
