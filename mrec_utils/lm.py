@@ -48,6 +48,7 @@ _INSTALL_HINT = (
 )
 _TRUE = ("1", "true", "yes", "on")
 _CACHE_FORMAT = 2  # 2: vectors computed and stored in float64
+_MAX_TOKENS = 512  # embed_texts truncates each text to this many tokens (or the model's context if shorter)
 
 Messages = list[dict[str, str]]
 
@@ -159,7 +160,7 @@ load_causal_lm.cache_clear = _load_cached.cache_clear  # type: ignore[attr-defin
 
 
 def _load_from(source: str, gguf_file: str | None, device: torch.device, dtype: torch.dtype,
-               local_only: bool) -> tuple[Any, Any]:
+               local_only: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -261,7 +262,7 @@ def _is_messages(x: Any) -> bool:
     return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(m, Mapping) for m in x)
 
 
-def _encode_prompt(tok: Any, model: Any, item: str | Messages, chat: bool | None, max_new_tokens: int,
+def _encode_prompt(tok: PreTrainedTokenizerBase, model: PreTrainedModel, item: str | Messages, chat: bool | None, max_new_tokens: int,
                    i: int) -> list[int]:
     """Token ids of one prompt: the chat template for messages (a plain transcript without one)."""
     add_special = True
@@ -284,7 +285,7 @@ def _encode_prompt(tok: Any, model: Any, item: str | Messages, chat: bool | None
     return ids
 
 
-def _context_length(model: Any) -> int | None:
+def _context_length(model: PreTrainedModel) -> int | None:
     for key in ("max_position_embeddings", "n_positions", "n_ctx"):
         val = getattr(model.config, key, None)
         if isinstance(val, int) and val > 0:
@@ -292,7 +293,7 @@ def _context_length(model: Any) -> int | None:
     return None
 
 
-def _pad_id(tok: Any) -> int:
+def _pad_id(tok: PreTrainedTokenizerBase) -> int:
     return int(next((p for p in (tok.pad_token_id, tok.eos_token_id) if p is not None), 0))
 
 
@@ -310,21 +311,19 @@ def embed_texts(
     cache_dir: str | os.PathLike | None = None,
     normalize: bool = True,
     progress: bool = True,
-    max_length: int = 512,
     layers: int | None = None,
     use_cache: bool = True,
 ) -> np.ndarray:
     """Embed texts with a causal LM's final hidden states, cached on disk per text.
 
-    Each text is tokenised (with the tokenizer's own special tokens, truncated to ``max_length``
-    tokens), run through the model's backbone in batches of similar length (sorted by length,
+    Each text is tokenised (with the tokenizer's own special tokens, truncated to 512 tokens), run through the model's backbone in batches of similar length (sorted by length,
     right-padded, order restored), and pooled:
 
     - ``"mean"``: the average of the final-layer hidden states over the text's real tokens (mask-weighted);
     - ``"last"``: the hidden state of the last real token.
 
     The store lives in ``embedding_cache_dir(cache_dir)/<model>-<key>/`` where ``key`` hashes
-    :func:`lm_fingerprint`, ``pooling``, ``max_length`` and ``layers``; inside, ``shard-*.npz`` files map
+    :func:`lm_fingerprint`, ``pooling``, the token limit and ``layers``; inside, ``shard-*.npz`` files map
     text hashes to raw (un-normalised) vectors, written atomically. Any text embedded before with the
     same model and settings is read back instead of recomputed, whatever list it came with.
 
@@ -359,7 +358,7 @@ def embed_texts(
     if lm is None and use_cache:
         # The default model's store folder is known without loading it (see _write_default_record):
         # when every text is already stored, the ~20 s de-quantisation is skipped.
-        served = _serve_default_from_cache(texts, pooling, max_length, layers, normalize, cache_dir)
+        served = _serve_default_from_cache(texts, pooling, layers, normalize, cache_dir)
         if served is not None:
             return served
     loaded_here = lm is None
@@ -374,7 +373,7 @@ def embed_texts(
     if not texts:
         return np.zeros((0, hidden), dtype=np.float64)
     n_ctx = _context_length(model)
-    max_len = min(max_length, n_ctx) if n_ctx else max_length
+    max_len = min(_MAX_TOKENS, n_ctx) if n_ctx else _MAX_TOKENS
     keys = [_text_key(t) for t in texts]
     folder, found = None, {}
     if use_cache:
@@ -457,7 +456,7 @@ def _finish_rows(rows: list[np.ndarray], normalize: bool) -> np.ndarray:
     return np.ascontiguousarray(out, dtype=np.float64)
 
 
-def _blocks(model: Any) -> tuple[torch.nn.Module, str, torch.nn.ModuleList]:
+def _blocks(model: PreTrainedModel) -> tuple[torch.nn.Module, str, torch.nn.ModuleList]:
     """The backbone module, the attribute name and the list of its transformer blocks."""
     base = getattr(model, "base_model", model)
     for attr in ("layers", "h", "blocks", "layer"):
@@ -468,7 +467,7 @@ def _blocks(model: Any) -> tuple[torch.nn.Module, str, torch.nn.ModuleList]:
 
 
 @contextlib.contextmanager
-def _first_blocks(model: Any, k: int | None) -> Iterator[None]:
+def _first_blocks(model: PreTrainedModel, k: int | None) -> Iterator[None]:
     """Temporarily keep only the first ``k`` transformer blocks (the final norm still applies)."""
     if k is None:
         yield
@@ -481,7 +480,7 @@ def _first_blocks(model: Any, k: int | None) -> Iterator[None]:
         setattr(base, attr, full)
 
 
-def _backbone_hidden(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _backbone_hidden(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Last hidden states [batch, seq, hidden] of the backbone (after its final norm), skipping the LM head."""
     base = getattr(model, "base_model", None)
     if isinstance(base, torch.nn.Module) and base is not model:
@@ -619,7 +618,7 @@ def _default_record_path(cache_dir: str | os.PathLike | None) -> Path:
     return embedding_cache_dir(cache_dir) / "default-model.json"
 
 
-def _write_default_record(cache_dir: str | os.PathLike | None, fingerprint: str, model: Any, hidden: int,
+def _write_default_record(cache_dir: str | os.PathLike | None, fingerprint: str, model: PreTrainedModel, hidden: int,
                           n_ctx: int | None) -> None:
     """Remember the default model's fingerprint next to the store, keyed by its file identity.
     Written only right after :func:`embed_texts` loaded the default itself (never for a model
@@ -637,8 +636,8 @@ def _write_default_record(cache_dir: str | os.PathLike | None, fingerprint: str,
     os.replace(tmp, path)
 
 
-def _serve_default_from_cache(texts: list[str], pooling: str, max_length: int, layers: int | None,
-                              normalize: bool, cache_dir: str | os.PathLike | None) -> np.ndarray | None:
+def _serve_default_from_cache(texts: list[str], pooling: str, layers: int | None, normalize: bool,
+                              cache_dir: str | os.PathLike | None) -> np.ndarray | None:
     """Embeddings of ``texts`` by the default model read from the store without loading the model,
     or ``None`` (then the caller loads it) when the record is missing/stale, an option is out of
     range, or any text is not stored yet."""
@@ -654,7 +653,7 @@ def _serve_default_from_cache(texts: list[str], pooling: str, max_length: int, l
     layers = None if layers == n_blocks else layers
     if not texts:
         return np.zeros((0, hidden), dtype=np.float64)
-    max_len = min(max_length, int(n_ctx)) if n_ctx else max_length
+    max_len = min(_MAX_TOKENS, int(n_ctx)) if n_ctx else _MAX_TOKENS
     index, vectors, _ = _read_store(_store_folder(cache_dir, DEFAULT_LM, fingerprint, pooling, max_len, layers))
     where = [index.get(_text_key(t)) for t in texts]
     if any(w is None for w in where):
