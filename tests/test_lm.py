@@ -230,8 +230,6 @@ def test_embed_input_validation(tiny):
         embed_texts(["ok", ""], tiny, use_cache=False)
     with pytest.raises(ValueError, match="pooling"):
         embed_texts(["ok"], tiny, pooling="max")
-    with pytest.raises(ValueError, match="batch_size"):
-        embed_texts(["ok"], tiny, batch_size=0)
     with pytest.raises(TypeError, match="LoadedLM"):
         embed_texts(["ok"], lm="gpt2")
 
@@ -246,14 +244,6 @@ def test_generate_tiny_greedy_deterministic_and_batched(tiny):
     assert isinstance(a, str) and a == generate(tiny, "Toy Story", max_new_tokens=6)
     batch = generate(tiny, ["Toy Story", "Heat (1995) is a"], max_new_tokens=6)
     assert batch == [a, generate(tiny, "Heat (1995) is a", max_new_tokens=6)]  # left padding is harmless
-
-
-def test_generate_sampling_is_seeded_and_leaves_global_rng_alone(tiny):
-    torch.manual_seed(123)
-    state = torch.get_rng_state()
-    outs = [generate(tiny, "abc", max_new_tokens=12, greedy=False, seed=s) for s in (7, 7, 8)]
-    assert outs[0] == outs[1] and outs[0] != outs[2]
-    assert torch.equal(state, torch.get_rng_state())
 
 
 def test_generate_and_embed_ignore_dropout_and_restore_train_mode():
@@ -274,15 +264,7 @@ def test_generate_messages_without_chat_template(tiny):
     assert generate(tiny, msgs, max_new_tokens=3) == generate(tiny, "User: hi\nAssistant:", max_new_tokens=3)
 
 
-def test_generate_validation(tiny):
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        generate(tiny, "x", max_new_tokens=0)
-    with pytest.raises(TypeError):
-        generate(tiny, 42)
-    with pytest.raises(TypeError):
-        generate(tiny, [])
-    with pytest.raises(ValueError, match="role"):
-        generate(tiny, [{"text": "hi"}])
+def test_generate_boundary_errors(tiny):
     with pytest.raises(ValueError, match="context"):
         generate(tiny, "x" * 125, max_new_tokens=10)  # tiny context is 128 tokens
     with pytest.raises(TypeError, match="LoadedLM"):
@@ -315,10 +297,6 @@ def test_missing_default_says_how_to_install(monkeypatch):
 def test_load_argument_errors():
     with pytest.raises(FileNotFoundError, match="No such model"):
         load_causal_lm("./no/such/model-folder", device="cpu")
-    with pytest.raises(ValueError, match="dtype"):
-        load_causal_lm(None, device="cpu", dtype="float99")
-    with pytest.raises(TypeError):
-        load_causal_lm(None, device="cpu", dtype=torch.int64)
     with pytest.raises(TypeError):
         load_causal_lm(123)
 
@@ -404,22 +382,12 @@ def test_ranking_prompt_content():
     assert "Movie 29 (2000)" in user and "Movie 25 (2000)" in user and "Movie 24 (2000)" not in user
     cold = ranking_prompt([], CANDS[:2])[1]["content"]
     assert "not rated any movies" in cold
-    with pytest.raises(ValueError, match="empty"):
-        ranking_prompt(history, [])
-    with pytest.raises(TypeError):
-        ranking_prompt("Toy Story", CANDS)
-    with pytest.raises(TypeError):
-        ranking_prompt(history, ["ok", 5])
 
 
 def test_explanation_prompt_content():
     msgs = explanation_prompt(["Aladdin (1992)", "Heat (1995)"], "Toy Story (1995). Animation, Children")
     user = msgs[-1]["content"]
     assert "Aladdin (1992)" in user and "Toy Story (1995). Animation, Children" in user and "one sentence" in user
-    with pytest.raises(ValueError):
-        explanation_prompt([], "  ")
-    with pytest.raises(TypeError):
-        explanation_prompt([], None)
 
 
 # ------------------------------------------------------------------------------------------------
