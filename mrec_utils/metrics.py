@@ -242,7 +242,8 @@ def auc(y_true: ArrayLike, y_score: ArrayLike) -> float:
 class BootstrapResult:
     """A percentile bootstrap interval: ``estimate`` (the mean, or the mean difference ``mean(a - b)``),
     ``low``/``high`` at level ``1 - alpha``, ``p_value`` (two-sided, "mean difference = 0"; paired
-    form only), ``n_units`` resampled units (users), ``n_boot`` resamples."""
+    form only), ``n_units`` values, ``n_boot`` resamples, ``n_clusters`` the resampled clusters (users)
+    when the values were grouped, else None."""
 
     estimate: float
     low: float
@@ -251,6 +252,7 @@ class BootstrapResult:
     n_units: int
     n_boot: int
     alpha: float
+    n_clusters: int | None = None
 
     @property
     def mean_diff(self) -> float:
@@ -270,38 +272,69 @@ def _units(x: ArrayLike, name: str, n_boot: int, alpha: float) -> np.ndarray:
     return v
 
 
-def _boot_means(values: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """Means of ``n_boot`` resamples (with replacement) of ``values [n]``, in chunks of bounded size."""
+def _boot_means(values: np.ndarray, n_boot: int, seed: int, clusters: np.ndarray | None = None) -> np.ndarray:
+    """Means of ``n_boot`` resamples of ``values [n]``, in chunks of bounded size.
+
+    Without ``clusters`` the values are resampled with replacement. With ``clusters [n]`` (e.g. the user
+    of each (seed, user) value) whole clusters are resampled and the mean is taken over all values of
+    the drawn clusters: values of one user are not independent, and resampling them one by one would
+    give an interval that is too narrow.
+    """
     rng = np.random.default_rng(seed)
-    n = values.size
+    if clusters is None:
+        sums, counts = values, None
+    else:
+        _, code = np.unique(clusters, return_inverse=True)
+        sums, counts = np.bincount(code, weights=values), np.bincount(code).astype(np.float64)
+    n = sums.size
     chunk = max(1, min(n_boot, 2_000_000 // n))  # a function of n only: the same draws on every machine
     out = np.empty(n_boot)
     for start in range(0, n_boot, chunk):
         m = min(chunk, n_boot - start)
-        out[start:start + m] = values[rng.integers(0, n, size=(m, n))].mean(axis=1)
+        idx = rng.integers(0, n, size=(m, n))
+        out[start:start + m] = sums[idx].mean(axis=1) if counts is None else sums[idx].sum(1) / counts[idx].sum(1)
     return out
 
 
-def bootstrap_ci(values: ArrayLike, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> BootstrapResult:
+def _clusters(clusters: ArrayLike | None, n: int) -> np.ndarray | None:
+    if clusters is None:
+        return None
+    c = np.asarray(clusters)
+    if c.shape != (n,):
+        raise ValueError(f"clusters must give one cluster id (e.g. the user) per value: {n} ids, got shape {c.shape}.")
+    if len(np.unique(c)) < 2:
+        raise ValueError("clusters must hold at least 2 different ids to resample.")
+    return c
+
+
+def bootstrap_ci(values: ArrayLike, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0,
+                 clusters: ArrayLike | None = None) -> BootstrapResult:
     """Percentile bootstrap interval for the mean of per-unit values (e.g. nDCG@10 per user); the same
-    inputs and seed give the same interval."""
+    inputs and seed give the same interval. ``clusters``: one id per value (e.g. the user when a user
+    appears under several seeds); then whole clusters are resampled."""
     v = _units(values, "values", n_boot, alpha)
-    low, high = np.quantile(_boot_means(v, int(n_boot), int(seed)), [alpha / 2, 1 - alpha / 2])
-    return BootstrapResult(float(v.mean()), float(low), float(high), None, v.size, int(n_boot), float(alpha))
+    c = _clusters(clusters, v.size)
+    low, high = np.quantile(_boot_means(v, int(n_boot), int(seed), c), [alpha / 2, 1 - alpha / 2])
+    return BootstrapResult(float(v.mean()), float(low), float(high), None, v.size, int(n_boot), float(alpha),
+                           None if c is None else len(np.unique(c)))
 
 
-def paired_bootstrap_ci(a: ArrayLike, b: ArrayLike, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> BootstrapResult:
+def paired_bootstrap_ci(a: ArrayLike, b: ArrayLike, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0,
+                        clusters: ArrayLike | None = None) -> BootstrapResult:
     """Paired bootstrap for the mean difference of two methods on the same units (users).
 
     Units are resampled with replacement, the same resample for both methods, so the interval
     accounts for their correlation. The two-sided p-value comes from the bootstrap distribution
-    shifted to the null: ``(1 + #{|m* - d| >= |d|}) / (n_boot + 1)``.
+    shifted to the null: ``(1 + #{|m* - d| >= |d|}) / (n_boot + 1)``. ``clusters``: one id per unit
+    (e.g. the user of each (seed, user) pair); then whole clusters are resampled.
     """
     av, bv = _units(a, "a", n_boot, alpha), _units(b, "b", n_boot, alpha)
     if av.shape != bv.shape:
         raise ValueError(f"a and b must be aligned by unit, got shapes {av.shape} and {bv.shape}.")
     d = av - bv
-    means, est = _boot_means(d, int(n_boot), int(seed)), float(d.mean())
+    c = _clusters(clusters, d.size)
+    means, est = _boot_means(d, int(n_boot), int(seed), c), float(d.mean())
     low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     p = (1 + int((np.abs(means - est) >= abs(est)).sum())) / (n_boot + 1)
-    return BootstrapResult(est, float(low), float(high), float(p), d.size, int(n_boot), float(alpha))
+    return BootstrapResult(est, float(low), float(high), float(p), d.size, int(n_boot), float(alpha),
+                           None if c is None else len(np.unique(c)))

@@ -41,7 +41,7 @@ from torch import Tensor
 
 __all__ = ["SCENARIOS", "SplitSettings", "Split", "make_split", "scenario_counts", "Episode", "EpisodePreset",
            "MELU_PRESET", "NotEnoughRatingsError", "make_episodes", "ItemIndex", "TaskBatch", "collate_episodes",
-           "iterate_meta_batches", "LeakageError", "LeakageReport", "check_no_leakage"]
+           "iterate_meta_batches", "LeakageError", "LeakageReport", "visible_tags", "check_no_leakage"]
 
 SCENARIOS: tuple[str, ...] = ("user-cold", "item-cold", "user+item-cold", "temporal")
 _ITEM_SCENARIOS = ("item-cold", "user+item-cold")
@@ -663,7 +663,7 @@ class LeakageError(AssertionError):
 class LeakageReport:
     """What :func:`check_no_leakage` checked and found. Each problem is ``"<code>: <message>"`` with
     code one of user-overlap, unknown-user, query-in-train, new-item-in-train, query-not-new,
-    new-item-before-cutoff, time-order, train-after-query, query-in-support, duplicate-in-episode."""
+    new-item-before-cutoff, time-order, train-after-query, query-in-support, duplicate-in-episode, tag-leak."""
 
     scenario: str
     problems: list[str] = field(default_factory=list)
@@ -792,7 +792,40 @@ def _check_episodes(split: Split, episodes: Sequence[Episode], rep: LeakageRepor
                      f"e.g. {_pairs(qu[leak], qi[leak])}")
 
 
-def check_no_leakage(split: Split, episodes: Sequence[Episode] | None = None) -> LeakageReport:
+def _tag_leaks(split: Split, tags: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Boolean masks over ``tags`` rows a model of this split may not see, by reason."""
+    u, t = tags["user_id"].to_numpy(), _seconds(tags["timestamp"])
+    leaks = {}
+    if split.scenario in _DISJOINT_USER_SCENARIOS:  # the evaluation users are strangers to the model
+        leaks["by held-out users"] = np.isin(u, np.concatenate([split.val_users, split.test_users]))
+    if split.cutoff is not None:  # nothing written after the moment the new items arrive
+        leaks["after the cutoff"] = t > _seconds(pd.Series([split.cutoff]))[0]
+    if split.scenario == "temporal":  # an evaluation user's tags from their query period on
+        ev = pd.concat([split.val, split.test], ignore_index=True)
+        ev = ev[ev["can_query"].to_numpy(bool)]
+        first_query = pd.Series(_seconds(ev["timestamp"])).groupby(ev["user_id"].to_numpy()).min()
+        limit = pd.Series(u).map(first_query).to_numpy(np.float64)
+        leaks["in the user's query period"] = ~np.isnan(limit) & (t >= limit)
+    return leaks
+
+
+def visible_tags(split: Split, tags: pd.DataFrame) -> pd.DataFrame:
+    """The tags a model of this split may read (for :func:`mrec_utils.data.item_text`).
+
+    Tags come from users, and a tag can say what its author thought of a film: a held-out user's tag
+    leaks that user's test ratings into the film's text. Kept: tags by users the model may know (not the
+    evaluation users of user-cold and user+item-cold), written at or before the split's cutoff (item
+    scenarios), and, in the temporal scenario, before each evaluation user's first query interaction.
+    """
+    _need(isinstance(tags, pd.DataFrame) and {"user_id", "item_id", "tag", "timestamp"} <= set(tags.columns),
+          "tags must be MovieLens.tags (user_id, item_id, tag, timestamp) from load_movielens()", TypeError)
+    leaks = _tag_leaks(split, tags)
+    bad = np.logical_or.reduce(list(leaks.values())) if leaks else np.zeros(len(tags), bool)
+    return tags[~bad]
+
+
+def check_no_leakage(split: Split, episodes: Sequence[Episode] | None = None,
+                     tags: pd.DataFrame | None = None) -> LeakageReport:
     """Re-check a split (and optionally its evaluation episodes) for leakage, from scratch.
 
     Split: val and test users disjoint; no query candidate in ``train``; user-cold and
@@ -800,7 +833,8 @@ def check_no_leakage(split: Split, episodes: Sequence[Episode] | None = None) ->
     queries only on new items, no new item rated at or before the cutoff; temporal: per evaluation
     user, every support-pool and training time <= every query-pool time.
     Episodes: no item in both support and query (or twice in one set), no query interaction in
-    ``train``, and the scenario's rules per episode.
+    ``train``, and the scenario's rules per episode. Tags (the item text's user-written part): none
+    that :func:`visible_tags` would drop.
 
     Returns:
         a :class:`LeakageReport`; ``.raise_if_bad()`` turns problems into a :class:`LeakageError`.
@@ -809,4 +843,11 @@ def check_no_leakage(split: Split, episodes: Sequence[Episode] | None = None) ->
     _check_split(split, rep)
     if episodes is not None:
         _check_episodes(split, episodes, rep)
+    if tags is not None:
+        rep.checks.append("item-text tags: none by held-out users, none after the cutoff or the query period")
+        for reason, mask in _tag_leaks(split, tags).items():
+            if mask.any():
+                rep.problems.append(f"tag-leak: {int(mask.sum())} tags were written {reason}, e.g. "
+                                    f"{_pairs(tags['user_id'].to_numpy()[mask], tags['item_id'].to_numpy()[mask])}; "
+                                    "build item texts from tasks.visible_tags(split, tags)")
     return rep

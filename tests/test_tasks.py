@@ -29,6 +29,7 @@ from mrec_utils.tasks import (
     make_episodes,
     make_split,
     scenario_counts,
+    visible_tags,
 )
 
 SMALL = dict(min_ratings=3, max_ratings=None)  # synthetic users have few new-item ratings
@@ -646,3 +647,42 @@ def test_real_data_episodes_for_all_users_are_fast(ml_ratings):
     assert len(mel) == int(((counts >= 13) & (counts <= 100)).sum())
     print(f"\nmake_episodes, all {len(users)} users: {t_eps:.3f} s (k=10, n=10), {t_mel:.3f} s (melu)")
     assert t_eps < 2.0 and t_mel < 2.0
+
+
+# --------------------------------------------------------------------------- leakage through item text
+
+
+def _tags_of(ratings: pd.DataFrame, frac: float, seed: int = 0) -> pd.DataFrame:
+    """Tags as MovieLens has them: some rated (user, item) pairs get a tag, at the rating's time."""
+    rows = ratings.sample(frac=frac, random_state=seed)
+    return pd.DataFrame({"user_id": rows["user_id"].to_numpy(), "item_id": rows["item_id"].to_numpy(),
+                         "tag": "planted", "timestamp": rows["timestamp"].to_numpy()})
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_planted_tag_leaks_are_caught_and_visible_tags_removes_exactly_them(ratings, splits, scenario):
+    sp = splits[scenario]
+    tags = _tags_of(ratings, 0.3)
+    rep = check_no_leakage(sp, tags=tags)
+    assert "tag-leak" in rep.codes, rep  # every scenario holds something back that a tag can reveal
+    kept = visible_tags(sp, tags)
+    assert check_no_leakage(sp, tags=kept).ok
+    # plain loop: which tags may a model of this split read?
+    held_out = set(sp.val_users.tolist()) | set(sp.test_users.tolist())
+    ev = pd.concat([sp.val, sp.test])
+    first_query = ev[ev["can_query"]].groupby("user_id")["timestamp"].min().to_dict()
+    expect = []
+    for u, t in zip(tags["user_id"].tolist(), tags["timestamp"].tolist()):
+        ok = not (scenario in ("user-cold", "user+item-cold") and u in held_out)
+        ok &= sp.cutoff is None or t <= sp.cutoff
+        ok &= not (scenario == "temporal" and u in first_query and t >= first_query[u])
+        expect.append(ok)
+    assert kept.index.tolist() == tags.index[np.array(expect)].tolist()
+    # tags on training interactions of training users, before every cutoff: nothing to report
+    safe = tags[tags.index.isin(kept.index)]
+    assert visible_tags(sp, safe).equals(safe)
+
+
+def test_visible_tags_refuses_a_frame_without_times(splits):
+    with pytest.raises(TypeError, match="MovieLens.tags"):
+        visible_tags(splits["user-cold"], pd.DataFrame({"user_id": [1], "item_id": [10], "tag": ["x"]}))
