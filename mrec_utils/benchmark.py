@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from mrec_utils import meta, tasks, train
+from mrec_utils.data import load_movielens
 from mrec_utils.gpt_meta import HeadSettings
 
 __all__ = ["SPEED_METHODS", "speed_benchmark", "REPORT_METRICS", "LIVE_SLICE", "load_coldstart_per_user", "coldstart_report",
@@ -427,23 +428,26 @@ def _add_speed_parser(subparsers: Any) -> None:
 
 
 def _config_overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    """``["meta_epochs=5", "hidden=32,16"]`` -> typed ColdStartConfig overrides."""
+    """``["meta.epochs=5", "net.hidden=32,16"]`` -> typed ColdStartSettings overrides (dotted keys)."""
     import dataclasses
 
-    from mrec_utils.coldstart import ColdStartConfig
+    from mrec_utils.coldstart import ColdStartSettings
 
-    fields = {f.name: f for f in dataclasses.fields(ColdStartConfig)}
-    defaults = ColdStartConfig()
+    defaults = ColdStartSettings()
+    fields = {f"{g.name}.{f.name}": f for g in dataclasses.fields(defaults) if dataclasses.is_dataclass(getattr(defaults, g.name))
+              for f in dataclasses.fields(getattr(defaults, g.name))}
+    fields.update({f.name: f for f in dataclasses.fields(defaults) if not dataclasses.is_dataclass(getattr(defaults, f.name))})
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or key not in fields:
             raise ValueError(f"--set expects KEY=VALUE with KEY one of {', '.join(fields)}; got {pair!r}.")
-        current = getattr(defaults, key)
+        group, _, name = key.rpartition(".")
+        current = getattr(getattr(defaults, group) if group else defaults, name)
         if current is None:  # e.g. min_ratings: int | None -> the annotation says the type
             current = 0 if "int" in str(fields[key].type) else ""
         try:
-            if value.lower() == "none" and getattr(defaults, key) is None:
+            if value.lower() == "none" and (getattr(getattr(defaults, group) if group else defaults, name) is None):
                 out[key] = None
             elif isinstance(current, tuple):
                 kind = type(current[0]) if current else float
@@ -470,15 +474,16 @@ def _run_coldstart(args: argparse.Namespace) -> int:
         raise ValueError(f"--out must end in .csv or .json, got {args.out!r}.")
     shots: Any = args.shots if args.shots == "melu" else int(args.shots) if args.shots.isdigit() else args.shots
     over = _config_overrides(args.set or [])
-    over["use_user_features"] = {"auto": "auto", "yes": True, "no": False}[args.user_features]
+    over["net.use_user_features"] = {"auto": "auto", "yes": True, "no": False}[args.user_features]
     if args.no_item_id:
-        over["use_item_id"] = False
+        over["net.use_item_id"] = False
     if args.device:
         over["device"] = args.device
-    cfg = coldstart.ColdStartConfig().replace(**over)
+    cfg = coldstart.ColdStartSettings().replace(**over)
+    methods = _coldstart_methods(args.methods)
     t0 = time.perf_counter()
-    res = coldstart.run_coldstart(args.dataset, args.scenario, shots, seeds=args.seeds, methods=args.methods,
-                                  config=cfg, data_dir=args.data_dir, progress=not args.no_progress,
+    res = coldstart.run_coldstart(load_movielens(args.dataset, args.data_dir), args.scenario, shots, seeds=args.seeds,
+                                  methods=methods, settings=cfg, progress=not args.no_progress,
                                   catalogue=not args.no_catalogue)
     table = coldstart.format_table(res.summary)
     with pd.option_context("display.width", 250, "display.max_columns", 40):
@@ -493,6 +498,15 @@ def _run_coldstart(args: argparse.Namespace) -> int:
         res.per_user.to_csv(args.per_user, index=False)
         print(f"wrote {args.per_user}")
     return 0
+
+
+def _coldstart_methods(names: Sequence[str] | None) -> list | None:
+    from mrec_utils.coldstart import METHODS
+
+    bad = [m for m in names or () if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}.")
+    return None if names is None else [METHODS[m] for m in names]
 
 
 def _add_coldstart_parser(subparsers: Any) -> None:
@@ -513,7 +527,7 @@ def _add_coldstart_parser(subparsers: Any) -> None:
     p.add_argument("--user-features", default="auto", choices=["auto", "yes", "no"],
                    help="use gender/age/occupation (ml-100k, ml-1m); 'yes' fails on releases without them")
     p.add_argument("--no-item-id", action="store_true", help="no item-id embedding (attributes only)")
-    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override a ColdStartConfig field, e.g. meta_epochs=20")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override a ColdStartSettings field, e.g. meta.epochs=20")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for this run")
     p.add_argument("--no-catalogue", action="store_true", help="skip the full-catalogue HR@10 / nDCG@10")
@@ -662,20 +676,20 @@ def coldstart_cost(result: Any, repeats: int = 3) -> pd.DataFrame:
         elif m == "item_mean":
             n_par, n_ad = n_cat, 0
         elif m == "mf_foldin":
-            mf = info["mf"]
+            mf = info.mf
             n_par = 1 + sum(t.numel() for t in (mf.item_factors, mf.item_bias, mf.user_factors, mf.user_bias))
             n_ad = mf.item_factors.shape[1] + 1
         elif m == "protonet":
-            n_par, n_ad = _n_params(info["model"]), 0
+            n_par, n_ad = _n_params(info.model), 0
         else:
-            model = info["model"]
+            model = info.model
             n_par = _n_params(model)
-            n_ad = 0 if info["steps"] == 0 else _n_params(model, melu_adapt_spec(info["adapt"]))
+            n_ad = 0 if info.steps == 0 else _n_params(model, melu_adapt_spec(info.adapt))
         times = []
         for _ in range(repeats):
             _sync(data.device)
             t0 = time.perf_counter()
-            f.predict(data.test, False)
+            f.predict(data.test, data.test_users, False)
             _sync(data.device)
             times.append(time.perf_counter() - t0)
         rows.append({"method": m, "train s": float(np.mean([x.seconds for x in fits])),
@@ -721,10 +735,10 @@ def _run_cost(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}.")
         torch.set_num_threads(args.threads)
-    cfg = coldstart.ColdStartConfig() if not args.device else coldstart.ColdStartConfig(device=args.device)
+    cfg = coldstart.ColdStartSettings(device=args.device or None)
     shots: Any = args.shots if args.shots == "melu" else int(args.shots)
-    res = coldstart.run_coldstart(args.dataset, args.scenario, shots, seeds=args.seeds, methods=args.methods,
-                                  config=cfg, data_dir=args.data_dir, progress=False, catalogue=False)
+    res = coldstart.run_coldstart(load_movielens(args.dataset, args.data_dir), args.scenario, shots, seeds=args.seeds,
+                                  methods=_coldstart_methods(args.methods), settings=cfg, progress=False, catalogue=False)
     cost = coldstart_cost(res, repeats=args.repeats)
     print(cost.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"device={cost.attrs['device']}, threads={cost.attrs['threads']}, load avg {cost.attrs['loadavg']}")
@@ -893,7 +907,7 @@ _HEADS = HeadSettings()
 
 @dataclasses.dataclass(frozen=True)
 class RankingConfig:
-    """Settings of :func:`ranking_benchmark` for chapters 7 and 8 (chapter 5's are :class:`ColdStartConfig`).
+    """Settings of :func:`ranking_benchmark` for chapters 7 and 8 (chapter 5's are :class:`mrec_utils.coldstart.ColdStartSettings`).
 
     Chapter 7: ``vocab_min_count`` (a film is a GPT token when it has this many training ratings),
     the GPT's size (``gpt_max_len``, ``gpt_embd``, ``gpt_layers``, ``gpt_heads``, ``gpt_dropout``),
@@ -1199,7 +1213,7 @@ def ranking_benchmark(
     scores the query films of every test episode, knowing only the training ratings and the episode's
     k support ratings:
 
-    * chapter 5's rating models (:func:`mrec_utils.coldstart.fit_method`): the predicted rating;
+    * chapter 5's rating models (:data:`mrec_utils.coldstart.METHODS`): the predicted rating;
     * chapter 7 (:mod:`mrec_utils.gpt`), with films as tokens of a vocabulary of films with
       ``vocab_min_count`` training ratings: ``popularity``; ``cooccurrence`` with the support films
       (window and history length chosen on validation episodes); ``item_gpt``: the next-film score
@@ -1220,7 +1234,7 @@ def ranking_benchmark(
         dataset: a MovieLens release name (or a loaded :class:`mrec_utils.data.MovieLens`).
         scenario, shots, seeds: as for :func:`mrec_utils.coldstart.run_coldstart` (shots an int).
         methods: keys of :data:`RANKING_METHODS` (default: all).
-        config: :class:`RankingConfig`; coldstart_config: :class:`mrec_utils.coldstart.ColdStartConfig`.
+        config: :class:`RankingConfig`; coldstart_config: :class:`mrec_utils.coldstart.ColdStartSettings`.
         llm: a loaded LM (:func:`mrec_utils.lm.load_causal_lm`); default: ``config.lm`` loaded on the
             data's device (only when a chapter-8 method runs).
         split_kwargs: passed to :func:`mrec_utils.tasks.make_split` (as in ``run_coldstart``).
@@ -1236,7 +1250,8 @@ def ranking_benchmark(
     if len(set(methods)) != len(methods):
         raise ValueError("methods contains duplicates.")
     methods = _ranking_order(methods)
-    scenario = coldstart._check_scenario(scenario)
+    if scenario not in coldstart.SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; choose one of {', '.join(coldstart.SCENARIOS)}.")
     if isinstance(shots, bool) or not isinstance(shots, (int, np.integer)) or shots < 1:
         raise ValueError(f"shots must be an int >= 1 (the support size k), got {shots!r}.")
     seeds = [int(s) for s in seeds]
@@ -1247,7 +1262,7 @@ def ranking_benchmark(
         raise TypeError(f"config must be a RankingConfig, got {type(cfg).__name__}.")
     if isinstance(cfg.gpt_members, bool) or not isinstance(cfg.gpt_members, int) or cfg.gpt_members < 1:
         raise ValueError(f"RankingConfig.gpt_members must be an int >= 1, got {cfg.gpt_members!r}.")
-    ccfg = coldstart.ColdStartConfig() if coldstart_config is None else coldstart_config
+    ccfg = coldstart.ColdStartSettings() if coldstart_config is None else coldstart_config
     ml = data.load_movielens(dataset, data_dir) if isinstance(dataset, str) else dataset
     if not isinstance(ml, data.MovieLens):
         raise TypeError("dataset must be a release name or a MovieLens object (data.load_movielens).")
@@ -1256,15 +1271,15 @@ def ranking_benchmark(
     ch8 = [m for m in methods if RANKING_CHAPTER[m] == 8]
     rows, cost, info = [], [], {}
     for seed in seeds:
-        d = coldstart.prepare_data(ml.ratings, ml.items, ml.users, scenario, int(shots), seed, ccfg, **split_kwargs)
+        d = coldstart.prepare_data(ml, scenario, int(shots), seed, ccfg, **split_kwargs)
         et, lo, hi = d.test, *d.rating_range
         y, mask = et.y_query.cpu().numpy(), et.mask_query.cpu().numpy()
         scorers: dict[str, tuple[Callable[[], Any], float, tuple[int, int]]] = {}
-        cache: dict = {}
         for m in ch5:
-            f = coldstart.fit_method(m, d, cache)
+            train.seed_everything(seed)
+            f = coldstart.METHODS[m].fit(d)
             # sizes: chapter 5's cost table (``benchmark cost``) has them
-            scorers[m] = ((lambda f_: lambda: np.clip(f_.predict(et, False)[0], lo, hi))(f), f.seconds, (None, None))
+            scorers[m] = ((lambda f_: lambda: np.clip(f_.predict(et, d.test_users, False)[0], lo, hi))(f), f.seconds, (None, None))
         info[seed] = {}
         if ch7:
             c7 = _Ch7(d, cfg, ch7, progress)
@@ -1290,7 +1305,7 @@ def ranking_benchmark(
             if s.shape != y.shape:
                 raise RuntimeError(f"{m} returned scores of shape {s.shape}, expected {y.shape}.")
             ev = ranking_metrics(s, y, mask, cfg.like_threshold)
-            ev.insert(0, "user_id", et.user_ids)
+            ev.insert(0, "user_id", d.test_users)
             ev.insert(0, "chapter", RANKING_CHAPTER[m])
             ev.insert(0, "method", m)
             ev.insert(0, "seed", seed)
@@ -1331,7 +1346,7 @@ def _run_ranking(args: argparse.Namespace) -> int:
             raise ValueError(f"--out must end in .csv or .json and --per-user in .csv, got {out!r}.")
     if not args.shots.isdigit():
         raise ValueError(f"--shots must be a positive int (the support size k), got {args.shots!r}.")
-    ccfg = coldstart.ColdStartConfig() if not args.device else coldstart.ColdStartConfig(device=args.device)
+    ccfg = coldstart.ColdStartSettings(device=args.device or None)
     cfg = RankingConfig() if args.lm is None else RankingConfig(lm=args.lm)
     t0 = time.perf_counter()
     res = ranking_benchmark(args.dataset, args.scenario, int(args.shots), seeds=args.seeds, methods=args.methods,

@@ -20,9 +20,10 @@ from mrec_utils import benchmark, coldstart as cs, data as D
 from tiny_lm import tiny_lm  # noqa: E402  (tests/tiny_lm.py)
 
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi"]
-CCFG = cs.ColdStartConfig(emb_dim=8, hidden=(16, 8), net_epochs=2, meta_epochs=2, meta_batch=16, train_query=10,
-                          mf_iters=3, patience=2, reptile_steps=2, lr_grid=(1.0,), finetune_lrs=(0.1,),
-                          finetune_steps=(1, 3), foldin_regs=(1.0, 3.0), device="cpu")
+CCFG = cs.ColdStartSettings(cs.EpisodeSettings(train_query=10), cs.NetSettings(emb_dim=8, hidden=(16, 8), epochs=2),
+                            cs.MetaSettings(epochs=2, batch=16, reptile_steps=2, lr_grid=(1.0,)),
+                            cs.BaselineSettings(finetune_lrs=(0.1,), finetune_steps=(1, 3), foldin_regs=(1.0, 3.0), mf_iters=3),
+                            patience=2, device="cpu")
 RCFG = benchmark.RankingConfig(vocab_min_count=2, gpt_max_len=20, gpt_embd=16, gpt_heads=2, gpt_epochs=2, gpt_batch=32,
                                cooc_windows=(1, 3), cooc_lasts=(2,), layers=2, components=8, min_item_count=3,
                                d_proj=8, global_steps=10, meta_steps=3, proto_steps=5, logreg_l2s=(1.0, 10.0),
@@ -134,8 +135,8 @@ def test_every_method_is_scored_on_the_same_episodes_as_coldstart(user_cold, ml)
     first = next(iter(pairs.values()))
     assert all(p == first for p in pairs.values()) and len(first) >= 4
     for seed in (0, 1):
-        d = cs.prepare_data(ml.ratings, ml.items, ml.users, "user-cold", 5, seed, CCFG, **SPLIT)
-        assert sorted(pu[(pu.seed == seed) & (pu.method == "item_gpt")].user_id) == sorted(d.test.user_ids.tolist())
+        d = cs.prepare_data(ml, "user-cold", 5, seed, CCFG, **SPLIT)
+        assert sorted(pu[(pu.seed == seed) & (pu.method == "item_gpt")].user_id) == sorted(d.test_users.tolist())
     assert np.isfinite(pu["ndcg@3"]).all() and pu["ndcg@3"].between(0, 1).all()
     assert pu["auc"].dropna().between(0, 1).all()
     assert (pu["n_query"] == 10).all()
@@ -145,7 +146,7 @@ def test_every_method_is_scored_on_the_same_episodes_as_coldstart(user_cold, ml)
 def test_chapter5_methods_give_coldstart_numbers(user_cold, ml):
     """Same episodes, same fitted models: the in-query nDCG@3 of benchmark coldstart, user by user."""
     ch5 = [m for m, c in benchmark.RANKING_CHAPTER.items() if c == 5]
-    ref = cs.run_coldstart((ml.ratings, ml.items, ml.users), "user-cold", 5, seeds=(0, 1), methods=ch5, config=CCFG,
+    ref = cs.run_coldstart(ml, "user-cold", 5, seeds=(0, 1), methods=[cs.METHODS[m] for m in ch5], settings=CCFG,
                            progress=False, catalogue=False, **SPLIT).per_user
     got = user_cold.per_user[user_cold.per_user.method.isin(ch5)]
     a = got.set_index(["seed", "method", "user_id"])["ndcg@3"].sort_index()

@@ -167,7 +167,8 @@ def live():
     try:
         s = benchmark.LIVE_SLICE
         res = coldstart.run_coldstart("ml-latest-small", s["scenario"], s["shots"], seeds=s["seeds"],
-                                      methods=s["methods"], config=coldstart.ColdStartConfig(device="cpu"),
+                                      methods=[coldstart.METHODS[m] for m in s["methods"]],
+                                      settings=coldstart.ColdStartSettings(device="cpu"),
                                       progress=False)
     finally:
         torch.set_num_threads(threads)
@@ -190,12 +191,12 @@ def test_cost_table_of_the_live_slice(live):
     cost = benchmark.coldstart_cost(live, repeats=1).set_index("method")
     assert list(cost.index) == list(benchmark.LIVE_SLICE["methods"])
     assert (cost["adapt ms / user"] > 0).all() and (cost["train s"] >= 0).all()
-    net = live.fitted[0, "net"].info["model"]
+    net = live.fitted[0, "net"].info.model
     n_net = sum(p.numel() for p in net.parameters())
     assert cost.loc["net", "parameters"] == cost.loc["net_finetune", "parameters"] == n_net
     assert cost.loc["net", "adapted / user"] == 0
     assert 0 < cost.loc["melu", "adapted / user"] < cost.loc["melu", "parameters"]
-    mf = live.fitted[0, "mf_foldin"].info["mf"]
+    mf = live.fitted[0, "mf_foldin"].info.mf
     assert cost.loc["mf_foldin", "adapted / user"] == mf.item_factors.shape[1] + 1
     assert cost.loc["global_mean", "parameters"] == 1
     with pytest.raises(TypeError, match="ColdStartResult"):
@@ -282,7 +283,7 @@ def ranking_live():
     try:
         s = benchmark.RANKING_LIVE_SLICE
         res = benchmark.ranking_benchmark("ml-latest-small", s["scenario"], s["shots"], seeds=s["seeds"], methods=s["methods"],
-                                          coldstart_config=coldstart.ColdStartConfig(device="cpu"))
+                                          coldstart_config=coldstart.ColdStartSettings(device="cpu"))
     finally:
         torch.set_num_threads(threads)
     return res
