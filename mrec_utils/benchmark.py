@@ -57,7 +57,7 @@ from torch import nn
 
 from mrec_utils import meta, tasks, train
 from mrec_utils.data import load_movielens
-from mrec_utils.gpt_meta import HeadSettings
+from mrec_utils.heads import HeadSettings
 
 __all__ = ["SPEED_METHODS", "speed_benchmark", "REPORT_METRICS", "LIVE_SLICE", "load_coldstart_per_user", "coldstart_report",
            "coldstart_cost", "RANKING_METHODS", "RANKING_CHAPTER", "RANKING_METRICS", "RANKING_LIVE_SLICE", "RankingConfig",
@@ -784,70 +784,46 @@ def _add_cost_parser(subparsers: Any) -> None:
 
 
 def _run_gpt_meta(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from mrec_utils import data, gpt_meta, lm, tasks
+    from mrec_utils import data, heads, lm, metrics
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}.")
         torch.set_num_threads(args.threads)
-    if args.out and Path(args.out).suffix.lower() not in (".csv", ".json"):
-        raise ValueError(f"--out must end in .csv or .json, got {args.out!r}.")
     t0 = time.perf_counter()
     ml = data.load_movielens(args.dataset, data_dir=args.data_dir)
-    train = tasks.make_split(ml.ratings, "user-cold", seed=args.seed).train  # the split head_benchmark uses
-    counts = train.item_id.value_counts()
-    ids = np.sort(counts.index[counts.to_numpy() >= args.min_item_count].to_numpy())  # the catalogue: embed only these
-    texts = data.item_text(ml.items, ml.tags).reindex(ids)
-    model = lm.load_causal_lm(args.lm)
-    raw = lm.embed_texts(texts.tolist(), model, layers=args.layers, pooling="mean", normalize=True,
-                         progress=not args.no_progress)
-    feats = gpt_meta.lm_item_features(raw, n_components=args.components)
-    t1 = time.perf_counter()
-    res = gpt_meta.head_benchmark(ml.ratings, feats, ids, ks=args.k, methods=args.methods, meta_steps=args.meta_steps,
-                                  min_item_count=args.min_item_count, n_folds=args.folds, seed=args.seed, device=args.device)
-    show = res.assign(**{"AUC [95%]": [f"{a:.3f} [{lo:.3f}, {hi:.3f}]" for a, lo, hi in zip(res.auc, res.auc_low, res.auc_high)],
-                         "AUC - global [95%]": [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in
-                                                zip(res.auc_minus_global, res.diff_low, res.diff_high)]})
-    show = show[["evaluation", "method", "k", "users", "AUC [95%]", "AUC - global [95%]", "ndcg@10", "ms_per_user"]].round(3)
-    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_rows", 200):
-        print(show.to_string(index=False))
-    print(f"{args.dataset}: LM features {raw.shape} in {t1 - t0:.0f} s, heads {time.perf_counter() - t1:.0f} s; {res.attrs['split']}")
+    res = heads.head_study(ml, methods=args.methods, ks=args.k, n_folds=args.folds, seed=args.seed,
+                           llm=None if args.lm is None else lm.load_causal_lm(args.lm))
+    rows = []
+    for k, m in res[["k", "method"]].drop_duplicates().itertuples(index=False):
+        both = res[res.k == k].pivot_table(index="user_id", columns="method", values="auc")[[m, "global"]].dropna()
+        d = metrics.paired_bootstrap_ci(both[m], both["global"], seed=args.seed) if m != "global" else None
+        rows.append({"k": k, "method": m, "users": len(both), "AUC": both[m].mean(),
+                     "AUC - global [95%]": "" if d is None else f"{d.estimate:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"})
+    print(pd.DataFrame(rows).round(4).to_string(index=False))
+    print(f"{args.dataset}: {res.attrs['split']}; choices {res.attrs['choices']}; {time.perf_counter() - t0:.0f} s")
     if args.out:
-        df = res.assign(k=res.k.astype(str))
-        df.attrs = {**res.attrs, "lm": model.name, "layers": args.layers, "components": args.components}
-        print(f"wrote {_write_out(df, args.out)}")
+        print(f"wrote {_write_out(res.assign(k=res.k.astype(str)), args.out)}")
     return 0
 
 
 def _add_gpt_meta_parser(subparsers: Any) -> None:
-    from mrec_utils.gpt_meta import HEAD_METHODS
+    from mrec_utils.heads import HEAD_METHODS
 
     p = subparsers.add_parser(
         "gpt-meta",
-        help="chapter 8, part 1: meta-learned user heads on LM item features (query AUC, nDCG@10)",
-        description="Embed the catalogue's item texts with a causal LM (cached), then compare a global head, "
-        "per-user logistic regression, fine-tuning, MAML, FOMAML, ANIL, Reptile, a prototypical network and a "
-        "Meta-SGD residual head (frozen global head + meta-learned per-user term, pairwise meta-objective) "
-        "on the same new users for several support sizes k, plus new (text-only) films at k = 16.",
+        help="chapter 9: user heads on LM item features, K-fold over users (query AUC, nDCG@10)",
+        description="Chapter 9's study (mrec_utils.heads.head_study): embed the catalogue's item texts with a causal LM "
+        "(cached), choose the settings on validation users, then evaluate the heads K-fold over users.",
     )
     p.add_argument("--dataset", default="ml-latest-small", help="MovieLens release")
     p.add_argument("--data-dir", default=None, help="folder holding the release (default: MREC_DATA_DIR, then the cache)")
     p.add_argument("--lm", default=None, help="language model: a Hugging Face id or path (default: the offline SmolLM2 GGUF)")
-    p.add_argument("--layers", type=int, default=8, help="transformer blocks used for the embeddings (chapter 8/9: 8)")
-    p.add_argument("--components", type=int, default=64, help="PCA dimension of the item features")
     p.add_argument("--k", nargs="+", type=int, default=[4, 8, 16, 32], help="support sizes")
-    p.add_argument("--methods", nargs="+", default=list(HEAD_METHODS), choices=list(HEAD_METHODS))
-    p.add_argument("--meta-steps", type=int, default=200, help="outer steps of MAML/FOMAML/ANIL/Reptile")
-    p.add_argument("--min-item-count", type=int, default=25, help="catalogue: items with this many training ratings")
-    p.add_argument("--folds", type=int, default=0,
-                   help="also evaluate K-fold over users (chapter 8: 5); every method retrained per fold (0 = off)")
+    p.add_argument("--methods", nargs="+", default=["global", "finetune", "maml", "fomaml", "anil", "residual"],
+                   choices=list(HEAD_METHODS))
+    p.add_argument("--folds", type=int, default=5, help="folds over users (chapter 9: 5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for this run")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--out", default=None, help="write the table to this .csv or .json file")
+    p.add_argument("--out", default=None, help="write the per-user rows to this .csv or .json file")
     p.set_defaults(func=_run_gpt_meta)
 
 
@@ -921,7 +897,7 @@ class RankingConfig:
     the Meta-SGD residual head (``residual_*``; validation users choose a meta-learned or a zero
     start and the checkpoint), and the grids the validation users choose from (``logreg_l2s``,
     ``finetune_grid``). These are the
-    settings of chapters 7 and 8 (the heads' defaults are :class:`mrec_utils.gpt_meta.HeadSettings`); the
+    settings of chapters 7 and 8 (the heads' defaults are :class:`mrec_utils.heads.HeadSettings`); the
     GPT trains for at most 10 epochs here (chapter 7 allows 20; with patience 2 both stop within the first few).
     """
 
@@ -960,7 +936,7 @@ class RankingConfig:
     finetune_grid: tuple[tuple[int, float], ...] = _HEADS.finetune_grid
 
     def head_settings(self) -> HeadSettings:
-        """The heads' fields as :class:`mrec_utils.gpt_meta.HeadSettings` (for :func:`~mrec_utils.gpt_meta.fit_heads`)."""
+        """The heads' fields as :class:`mrec_utils.heads.HeadSettings` (for :func:`~mrec_utils.heads.fit_heads`)."""
         return HeadSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(HeadSettings)})
 
 
@@ -1094,7 +1070,7 @@ class _Ch8:
     """Chapter 8's like-heads on frozen LM text features for one seed's split."""
 
     def __init__(self, d: Any, ml: Any, llm: Any, cfg: RankingConfig, methods: Sequence[str]) -> None:
-        from mrec_utils import data, gpt_meta as gm, lm
+        from mrec_utils import data, heads as gm, lm
 
         self.gm, self.cfg = gm, cfg
         counts = d.train.item_id.value_counts()
@@ -1112,7 +1088,7 @@ class _Ch8:
         dev = d.device
         feat_t = torch.as_tensor(feats, device=dev)
         pools = gm.rating_pools(d.train[d.train.item_id.isin(catalogue)], need)
-        self.val = gm.like_tasks(d.val_episodes, feats, need, cfg.like_threshold, device=dev)
+        self.val = gm.like_tasks(d.val_episodes, feats, need, device=dev)  # a like is a rating >= heads.LIKE
         self.feats, self.need = feats, need
         self.info: dict[str, Any] = {"head catalogue": int(len(catalogue)), "texts embedded": int(len(need))}
         heads = gm.fit_heads(pools, feat_t, [self.val], [_HEAD_OF[m] for m in methods if m in _HEAD_OF],
@@ -1136,8 +1112,8 @@ class _Ch8:
             self.info["residual_learn_init"], self.residual_lrs = ch["residual_learn_init"], ch["residual_lrs"]
 
     def tasks(self, episodes: Sequence[Any]) -> Any:
-        """Episodes -> :class:`mrec_utils.gpt_meta.LikeTasks` on the LM features."""
-        return self.gm.like_tasks(episodes, self.feats, self.need, self.cfg.like_threshold, device=self.val.x_support.device)
+        """Episodes -> like tasks (:func:`mrec_utils.heads.like_tasks`) on the LM features."""
+        return self.gm.like_tasks(episodes, self.feats, self.need, device=self.val.x_support.device)
 
     def size(self, method: str) -> tuple[int, int]:
         """(learned numbers, numbers adapted per user); the frozen LM is counted apart."""
@@ -1223,7 +1199,7 @@ def ranking_benchmark(
       with the other unknown ones, and a support film outside it is left out of the prompt. With an
       empty prompt the GPT is not asked and every query film ties; when no evaluation episode has a
       known support and query film, the GPT is not trained (its scores would all tie anyway);
-    * chapter 8 (:mod:`mrec_utils.gpt_meta`): like-heads on frozen LM embeddings of the films' text
+    * chapter 9 (:mod:`mrec_utils.heads`): like-heads on frozen LM embeddings of the films' text
       (:func:`mrec_utils.lm.embed_texts`, ``layers`` blocks, cached on disk), adapted on the k
       support like/dislike labels; trained on the training ratings of films with ``min_item_count``
       training ratings; every film of the episodes has a text, so new films are scored too.
