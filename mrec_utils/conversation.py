@@ -38,8 +38,8 @@ class ConversationSettings:
 
     min_ratings: int = 25  # catalogue: films with at least this many training ratings
     layers: int = 8  # text embeddings: mean pooling over the first 8 LM blocks (chapter 8, for cost)
-    n_components: int = 64  # PCA features z_i of the head (gpt_meta.lm_item_features)
-    d_proj: int = 32  # the head's hidden width (gpt_meta.UserHead)
+    n_components: int = 64  # PCA features z_i of the head (heads.lm_item_features)
+    d_proj: int = 32  # the head's hidden width (heads.UserHead)
     global_steps: int = 300  # Adam steps of the global like/dislike head
     meta_steps: int = 300  # MAML steps from the global head
     inner_steps: int = 2  # SGD steps per user, in meta-training and in the conversation

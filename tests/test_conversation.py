@@ -280,7 +280,7 @@ def test_statements_are_centred_like_the_items():
 
 
 def test_only_the_init_parameters_adapt_and_head_features_are_used():
-    from mrec_utils.gpt_meta import UserHead
+    from mrec_utils.heads import UserHead
 
     rec0 = make_rec()
     feats = torch.randn(len(rec0.item_ids), 7, generator=torch.Generator().manual_seed(1))
