@@ -518,7 +518,7 @@ def head_study(ml: data.MovieLens, settings: HeadSettings = HeadSettings(), *,
     split = tasks.make_split(ml.ratings, "user-cold", seed=seed)
     catalogue, is_new = catalogue_split(split.train, seed=seed)
     warm = catalogue[~is_new]
-    texts = data.item_text(ml.items, ml.tags).loc[catalogue]
+    texts = data.item_text(ml.items).loc[catalogue]  # no tags: K-fold evaluates every user, and users write tags
     features = lm_item_features(lm.embed_texts(texts.tolist(), llm, progress=False, **LM_EMBED))
     feat_t = torch.as_tensor(features, dtype=torch.get_default_dtype())
     frame = split.val[split.val.item_id.isin(warm)]

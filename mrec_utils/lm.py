@@ -715,7 +715,7 @@ def _history_lines(history: list[str], max_history: int) -> str:
     recent = history[-max_history:] if max_history else []
     if not recent:
         return "The user has not rated any movies yet.\n"
-    return "Movies the user watched and liked (oldest first):\n" + "".join(f"- {t}\n" for t in recent)
+    return "Movies the user rated, liked or not (oldest first):\n" + "".join(f"- {t}\n" for t in recent)
 
 
 def parse_ranking(answer: Any, candidate_titles: Sequence[str]) -> list[int]:
