@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DATASETS=${DATASETS:-"ml-latest-small ml-100k"}
 OUTDIR=${OUTDIR:-benchmarks/results}
-args=(--datasets $DATASETS --out "$OUTDIR" --no-progress)
+args=(--datasets $DATASETS --out "$OUTDIR")
 [[ -n "${SCHEDULER:-}" ]] && args+=(--scheduler "$SCHEDULER")
 [[ -n "${WORKERS:-}" ]] && args+=(--workers "$WORKERS")
 time $PY -m mrec_bench sweep "${args[@]}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -329,7 +330,7 @@ def _run_sweep(args: argparse.Namespace) -> None:
     s = RankingSettings(coldstart=_coldstart_config(args))
     t0 = time.perf_counter()
     results = sweep.run_sweep(jobs, scheduler=args.scheduler, workers=args.workers, progress=not args.no_progress,
-                              settings=s, data_dir=args.data_dir,
+                              checkpoints=Path(args.out) / ".checkpoints", settings=s, data_dir=args.data_dir,
                               coldstart_methods=args.coldstart_methods or tuple(coldstart.METHODS),
                               ranking_methods=args.ranking_methods or tuple(RANKING_METHODS))
     for r in results:
@@ -337,6 +338,7 @@ def _run_sweep(args: argparse.Namespace) -> None:
             print(f"skipped {r.job}: {r.skipped}")
     for path in sweep.write_results(results, args.out, s):
         print(f"wrote {path}")
+    shutil.rmtree(Path(args.out) / ".checkpoints", ignore_errors=True)
     print(f"{len(jobs)} runs in {time.perf_counter() - t0:.0f} s")
 
 
@@ -360,8 +362,10 @@ def _add_sweep(sub) -> None:
     p.add_argument("--workers", type=_positive, default=None, help="local cluster: worker processes (default: one per core)")
     p.add_argument("--data-dir", default=None, help="folder holding the releases (default: MREC_DATA_DIR, then the cache)")
     p.add_argument("--device", default="cpu", help="the book's files are computed on the CPU")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--out", default="benchmarks/results", help="folder of the files (one sub-folder per data set)")
+    p.add_argument("--no-progress", action="store_true", help="no line per finished job")
+    p.add_argument("--out", default="benchmarks/results",
+                   help="folder of the files (one sub-folder per data set); finished jobs are kept in OUT/.checkpoints "
+                   "until the files are written, so a sweep started again resumes")
     p.set_defaults(func=_run_sweep)
 
 

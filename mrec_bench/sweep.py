@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
+import pickle
 import statistics
 import time
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mrec_utils import coldstart, data, meta, train
+from mrec_utils import coldstart, data, meta
 from mrec_utils.models import melu_adapt_spec
 
 from . import reports
@@ -175,33 +177,54 @@ def sweep_jobs(datasets: Sequence[str] = DATASETS, scenarios: Sequence[str] = co
 # ------------------------------------------------------------------------------------------------ many jobs
 
 
+def _checkpoint(folder: Path | None, job: Job, key: str) -> Path | None:
+    return None if folder is None else Path(folder) / key / f"{job.dataset}_{job.scenario}_k{job.k}_seed{job.seed}.pkl"
+
+
 def run_sweep(jobs: Sequence[Job], *, scheduler: str | None = None, workers: int | None = None, progress: bool = True,
-              **job_kwargs) -> list[JobResult]:
+              checkpoints: str | Path | None = None, **job_kwargs) -> list[JobResult]:
     """Run ``jobs`` (:func:`run_job` with ``job_kwargs``) and return their results in the order of ``jobs``.
 
     Args:
         scheduler: ``None``: a Dask ``LocalCluster`` of ``workers`` single-threaded worker processes
             (default: one per CPU core); ``"serial"``: one after the other in this process; else the
             address of a running Dask scheduler (its workers need this package, the data and the LM).
+        checkpoints: a folder where each finished job is kept (a pickle, keyed by the job and by
+            ``job_kwargs``), so that a sweep started again runs only the jobs that did not finish.
     """
-    if scheduler == "serial":
-        return [run_job(j, **job_kwargs) for j in train.progress(jobs, desc="sweep", disable=not progress)]
-    from dask.distributed import Client, LocalCluster, as_completed
+    key = hashlib.sha256(repr(sorted((k, repr(v)) for k, v in job_kwargs.items() if k != "movielens")).encode()).hexdigest()[:12]
+    done = {}
+    for j in jobs:
+        path = _checkpoint(checkpoints, j, key)
+        if path is not None and path.is_file():
+            done[j] = pickle.loads(path.read_bytes())
+    todo = [j for j in jobs if j not in done]
+    start = time.perf_counter()
 
-    cluster = None
-    if scheduler is None:
-        cluster = LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
-                               dashboard_address=None)
-    with Client(cluster if cluster is not None else scheduler) as client:
-        futures = client.map(run_job, list(jobs), pure=False, **job_kwargs)
-        bar = train.progress(total=len(futures), desc="sweep", disable=not progress)
-        for _ in as_completed(futures):
-            bar.update(1)
-        bar.close()
-        results = client.gather(futures)
-    if cluster is not None:
-        cluster.close()
-    return results
+    def finished(r: JobResult) -> None:
+        done[r.job] = r
+        path = _checkpoint(checkpoints, r.job, key)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(pickle.dumps(r))
+        if progress:
+            print(f"[{len(done)}/{len(jobs)}, {time.perf_counter() - start:.0f} s] {r.job.dataset} {r.job.scenario} "
+                  f"k={r.job.k} seed={r.job.seed}: " + (f"skipped ({r.skipped})" if r.skipped else f"{r.seconds:.0f} s"), flush=True)
+
+    if scheduler == "serial":
+        for j in todo:
+            finished(run_job(j, **job_kwargs))
+    elif todo:
+        from dask.distributed import Client, LocalCluster, as_completed
+
+        cluster = None if scheduler else LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1,
+                                                      processes=True, dashboard_address=None)
+        with Client(cluster if cluster is not None else scheduler) as client:
+            for future in as_completed(client.map(run_job, todo, pure=False, **job_kwargs)):
+                finished(future.result())
+        if cluster is not None:
+            cluster.close()
+    return [done[j] for j in jobs]
 
 
 def write_results(results: Sequence[JobResult], out: str | Path, settings: RankingSettings | None = None) -> list[Path]:

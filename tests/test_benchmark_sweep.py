@@ -80,3 +80,16 @@ def test_a_setting_the_data_cannot_supply_is_skipped_with_the_reason(setup, tmp_
     sweep.write_results([res, sweep.run_job(jobs[0], **kw)], tmp_path, kw["settings"])
     doc = json.loads((tmp_path / "synthetic" / "runs.json").read_text())
     assert [s["k"] for s in doc["skipped"]] == [60] and len(doc["runs"]) == 1
+
+
+def test_a_sweep_started_again_runs_only_the_unfinished_jobs(setup, tmp_path, monkeypatch):
+    jobs, kw, _ = setup
+    first = sweep.run_sweep(jobs[:1], scheduler="serial", progress=False, checkpoints=tmp_path, **kw)
+
+    def no_more(*args, **kwargs):
+        raise AssertionError("a finished job ran again")
+    monkeypatch.setattr(sweep, "run_job", no_more)
+    again = sweep.run_sweep(jobs[:1], scheduler="serial", progress=False, checkpoints=tmp_path, **kw)
+    pd.testing.assert_frame_equal(first[0].coldstart, again[0].coldstart)
+    with pytest.raises(AssertionError, match="ran again"):  # other settings: another checkpoint key
+        sweep.run_sweep(jobs[:1], scheduler="serial", progress=False, checkpoints=tmp_path, **{**kw, "coldstart_methods": ("net",)})
