@@ -112,15 +112,19 @@ def _add_speed(sub) -> None:
 
 
 def config_overrides(pairs: Sequence[str]) -> dict:
-    """``["meta_epochs=5", "hidden=32,16"]`` -> typed :class:`~mrec_utils.coldstart.ColdStartConfig` overrides."""
-    fields = {f.name: f for f in dataclasses.fields(coldstart.ColdStartConfig)}
-    defaults = coldstart.ColdStartConfig()
+    """``["meta.epochs=5", "net.hidden=32,16"]`` -> typed :class:`~mrec_utils.coldstart.ColdStartSettings`
+    overrides (dotted keys: ``group.field``; ``device`` and ``patience`` undotted)."""
+    defaults = coldstart.ColdStartSettings()
+    fields = {f"{g.name}.{f.name}": f for g in dataclasses.fields(defaults) if dataclasses.is_dataclass(getattr(defaults, g.name))
+              for f in dataclasses.fields(getattr(defaults, g.name))}
+    fields.update({f.name: f for f in dataclasses.fields(defaults) if not dataclasses.is_dataclass(getattr(defaults, f.name))})
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or key not in fields:
             raise ValueError(f"--set expects KEY=VALUE with KEY one of {', '.join(fields)}; got {pair!r}.")
-        current = getattr(defaults, key)
+        group, _, name = key.rpartition(".")
+        current = getattr(getattr(defaults, group) if group else defaults, name)
         try:
             if value.lower() == "none" and current is None:
                 out[key] = None
@@ -137,15 +141,20 @@ def config_overrides(pairs: Sequence[str]) -> dict:
     return out
 
 
-def _coldstart_config(args: argparse.Namespace) -> coldstart.ColdStartConfig:
+def _coldstart_config(args: argparse.Namespace) -> coldstart.ColdStartSettings:
     over = config_overrides(getattr(args, "set", None) or [])
     if getattr(args, "user_features", "auto") != "auto":
-        over["use_user_features"] = args.user_features == "yes"
+        over["net.use_user_features"] = args.user_features == "yes"
     if getattr(args, "no_item_id", False):
-        over["use_item_id"] = False
+        over["net.use_item_id"] = False
     if args.device:
         over["device"] = args.device
-    return coldstart.ColdStartConfig().replace(**over)
+    return coldstart.ColdStartSettings().replace(**over)
+
+
+def _coldstart_methods(names: Sequence[str] | None) -> list[coldstart.Method] | None:
+    """Method names (checked by argparse) -> chapter 5's :class:`~mrec_utils.coldstart.Method` objects (None: all)."""
+    return None if names is None else [coldstart.METHODS[m] for m in names]
 
 
 def _shots(text: str) -> int | str:
@@ -156,9 +165,9 @@ def _shots(text: str) -> int | str:
 
 def _run_coldstart(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
-    res = coldstart.run_coldstart(args.dataset, args.scenario, args.shots, seeds=args.seeds, methods=args.methods,
-                                  config=_coldstart_config(args), data_dir=args.data_dir, progress=not args.no_progress,
-                                  catalogue=not args.no_catalogue)
+    res = coldstart.run_coldstart(data.load_movielens(args.dataset, args.data_dir), args.scenario, args.shots, seeds=args.seeds,
+                                  methods=_coldstart_methods(args.methods), settings=_coldstart_config(args),
+                                  progress=not args.no_progress, catalogue=not args.no_catalogue)
     with pd.option_context(*[x for kv in WIDE.items() for x in kv]):
         print(coldstart.format_table(res.summary).to_string())
     print(f"{res.settings['dataset']}, {args.scenario}, shots={args.shots}, seeds={list(args.seeds)}: "
@@ -187,7 +196,7 @@ def _add_coldstart(sub) -> None:
     p.add_argument("--user-features", default="auto", choices=["auto", "yes", "no"],
                    help="use gender/age/occupation (ml-100k, ml-1m); 'yes' fails on releases without them")
     p.add_argument("--no-item-id", action="store_true", help="no item-id embedding (attributes only)")
-    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override a ColdStartConfig field, e.g. meta_epochs=20")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override a ColdStartSettings field (dotted), e.g. meta.epochs=20")
     p.add_argument("--no-catalogue", action="store_true", help="skip the full-catalogue HR@10 / nDCG@10")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", type=_suffix(".csv", ".json"), default=None, help="write the summary table to this .csv or .json file")
@@ -220,13 +229,13 @@ def _add_report(sub, name: str, kind: str) -> None:
 
 def _run_cost(args: argparse.Namespace) -> None:
     cfg = _coldstart_config(args)
-    res = coldstart.run_coldstart(args.dataset, args.scenario, args.shots, seeds=args.seeds, methods=args.methods, config=cfg,
-                                  data_dir=args.data_dir, progress=False, catalogue=False)
+    res = coldstart.run_coldstart(data.load_movielens(args.dataset, args.data_dir), args.scenario, args.shots, seeds=args.seeds,
+                                  methods=_coldstart_methods(args.methods), settings=cfg, progress=False, catalogue=False)
     cost = sweep.coldstart_cost(res, repeats=args.repeats)
     print(cost.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"threads={torch.get_num_threads()}")
     if args.out:
-        _write(cost, args.out, {"settings": {k: v for k, v in res.settings.items() if k != "config"}, "threads": torch.get_num_threads()})
+        _write(cost, args.out, {"settings": {k: v for k, v in res.settings.items() if k != "settings"}, "threads": torch.get_num_threads()})
 
 
 def _add_cost(sub) -> None:
@@ -246,44 +255,41 @@ def _add_cost(sub) -> None:
 
 
 def _run_gpt_meta(args: argparse.Namespace) -> None:
-    import numpy as np
+    from mrec_utils import heads, lm, metrics
 
-    from mrec_utils import gpt_meta, lm, tasks
-
+    t0 = time.perf_counter()
     ml = data.load_movielens(args.dataset, data_dir=args.data_dir)
-    split = tasks.make_split(ml.ratings, "user-cold", seed=args.seed)
-    counts = split.train.item_id.value_counts()
-    ids = np.sort(counts.index[counts.to_numpy() >= args.min_item_count].to_numpy())
-    texts = data.item_text(ml.items, ml.tags).reindex(ids)
-    raw = lm.embed_texts(texts.tolist(), lm.load_causal_lm(args.lm), layers=args.layers, pooling="mean", normalize=True,
-                         progress=not args.no_progress)
-    res = gpt_meta.head_benchmark(ml.ratings, gpt_meta.lm_item_features(raw, n_components=args.components), ids, ks=args.k,
-                                  methods=args.methods, meta_steps=args.meta_steps, min_item_count=args.min_item_count,
-                                  n_folds=args.folds, seed=args.seed, device=args.device)
+    res = heads.head_study(ml, methods=args.methods, ks=args.k, n_folds=args.folds, seed=args.seed,
+                           llm=None if args.lm is None else lm.load_causal_lm(args.lm))
+    rows = []
+    for k, m in res[["k", "method"]].drop_duplicates().itertuples(index=False):
+        both = res[res.k == k].pivot_table(index="user_id", columns="method", values="auc")[[m, "global"]].dropna()
+        d = metrics.paired_bootstrap_ci(both[m], both["global"], seed=args.seed) if m != "global" else None
+        rows.append({"k": k, "method": m, "users": len(both), "AUC": both[m].mean(),
+                     "AUC - global [95%]": "" if d is None else f"{d.estimate:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"})
     with pd.option_context(*[x for kv in WIDE.items() for x in kv]):
-        print(res.round(3).to_string(index=False))
+        print(pd.DataFrame(rows).round(4).to_string(index=False))
+    print(f"{args.dataset}: {res.attrs['split']}; choices {res.attrs['choices']}; {time.perf_counter() - t0:.0f} s")
     if args.out:
-        _write(res.assign(k=res.k.astype(str)), args.out, {**res.attrs, "layers": args.layers, "components": args.components})
+        _write(res.assign(k=res.k.astype(str)), args.out, res.attrs)
 
 
 def _add_gpt_meta(sub) -> None:
-    from mrec_utils.gpt_meta import HEAD_METHODS
+    from mrec_utils.heads import HEAD_METHODS
 
-    p = sub.add_parser("gpt-meta", help="chapter 9: meta-learned user heads on LM item features (query AUC, nDCG@10)",
-                       description="Embed the catalogue's film texts with a causal LM (cached), then compare chapter 9's "
-                       "user heads on the same new users for several support sizes k, plus new (text-only) films.")
-    _common(p)
-    p.add_argument("--lm", default=None, help="a Hugging Face id or path (default: the offline SmolLM2 GGUF)")
-    p.add_argument("--layers", type=_positive, default=8, help="transformer blocks used for the embeddings")
-    p.add_argument("--components", type=_positive, default=64, help="PCA dimension of the film features")
+    p = sub.add_parser("gpt-meta", help="chapter 9: user heads on LM item features, K-fold over users (query AUC, nDCG@10)",
+                       description="Chapter 9's study (mrec_utils.heads.head_study): embed the catalogue's item texts with a "
+                       "causal LM (cached), choose the settings on validation users, then evaluate the heads K-fold over users.")
+    p.add_argument("--dataset", default="ml-latest-small", choices=data.available_releases(), help="MovieLens release")
+    p.add_argument("--data-dir", default=None, help="folder holding the release (default: MREC_DATA_DIR, then the cache)")
+    p.add_argument("--lm", default=None, help="language model: a Hugging Face id or path (default: the offline SmolLM2 GGUF)")
     p.add_argument("--k", nargs="+", type=_positive, default=[4, 8, 16, 32], help="support sizes")
-    p.add_argument("--methods", nargs="+", default=list(HEAD_METHODS), choices=list(HEAD_METHODS))
-    p.add_argument("--meta-steps", type=_positive, default=200, help="outer steps of MAML/FOMAML/ANIL/Reptile")
-    p.add_argument("--min-item-count", type=_positive, default=25, help="catalogue: films with this many training ratings")
-    p.add_argument("--folds", type=int, default=0, help="also K-fold over users (chapter 9: 5); 0 = off")
+    p.add_argument("--methods", nargs="+", default=["global", "finetune", "maml", "fomaml", "anil", "residual"],
+                   choices=list(HEAD_METHODS))
+    p.add_argument("--folds", type=_positive, default=5, help="folds over users (chapter 9: 5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--out", type=_suffix(".csv", ".json"), default=None, help="write the table to this .csv or .json file")
+    p.add_argument("--threads", type=_positive, default=None, help="torch.set_num_threads for this run")
+    p.add_argument("--out", type=_suffix(".csv", ".json"), default=None, help="write the per-user rows to this .csv or .json file")
     p.set_defaults(func=_run_gpt_meta)
 
 

@@ -4,13 +4,13 @@ The methods predict different things (star ratings, the next film, like or disli
 can order an episode's query films. Per seed, :func:`mrec_utils.coldstart.prepare_data` draws the split
 and the episodes exactly as the cold-start comparison does; then
 
-* chapter 5's rating models (:func:`mrec_utils.coldstart.fit_method`) score a film by its predicted rating;
+* chapter 5's rating models (:data:`mrec_utils.coldstart.METHODS`) score a film by its predicted rating;
 * chapter 7's id-based models (:mod:`mrec_utils.gpt`) know films as tokens of a vocabulary of films with
   ``gpt.min_count`` training ratings: ``popularity``, ``cooccurrence`` with the support films and the
   ``item_gpt``'s next-film logit after reading the support films in time order (no gradient step). A film
   outside the vocabulary scores below every known film; a support film outside it is left out of the
   prompt; with an empty prompt every query film ties;
-* chapter 9's like-heads (:func:`mrec_utils.gpt_meta.fit_heads`) read frozen language-model embeddings
+* chapter 9's like-heads (:func:`mrec_utils.heads.fit_heads`) read frozen language-model embeddings
   of each film's text, so a film nobody rated has features too.
 
 Metrics (:func:`ranking_metrics`): in-query nDCG@3 with graded gains and like/dislike AUC.
@@ -28,12 +28,12 @@ import pandas as pd
 import torch
 
 from mrec_utils import coldstart, data, gpt, lm, metrics, train
-from mrec_utils import gpt_meta as gm
+from mrec_utils import heads as gm
 
 from .speed import sync
 
 RANKING_METHODS: dict[str, str] = {
-    **{m: f"ch. 5: {d}" for m, d in coldstart.METHODS.items()},
+    **{m: f"ch. 5: {d.about}" for m, d in coldstart.METHODS.items()},
     "popularity": "ch. 7: how many training users rated the film",
     "cooccurrence": "ch. 7: co-occurrence counts with the last m support films",
     "item_gpt": "ch. 7: item-GPT next-film logit after reading the support films (in context)",
@@ -61,15 +61,16 @@ RANKING_METRICS: tuple[str, ...] = ("ndcg@3", "auc")
 class RankingSettings:
     """The settings of :func:`ranking_benchmark`: the chapters' own settings objects, plus the text features.
 
-    ``coldstart``: chapter 5's :class:`~mrec_utils.coldstart.ColdStartConfig` (episodes and rating models);
+    ``coldstart``: chapter 5's :class:`~mrec_utils.coldstart.ColdStartSettings` (episodes and rating models);
     ``gpt``: chapter 7's :class:`~mrec_utils.gpt.ItemGPTSettings` (at most 10 epochs here instead of 20:
     with patience 2 both stop within the first few); ``heads``: chapter 9's
-    :class:`~mrec_utils.gpt_meta.HeadSettings`. The heads' features: the LM (``lm``, None = the offline
+    :class:`~mrec_utils.heads.HeadSettings`. The heads' features: the LM (``lm``, None = the offline
     default), its first ``layers`` blocks, ``components`` PCA dimensions, trained on the films with
-    ``min_item_count`` training ratings. A rating >= ``like_threshold`` is a like.
+    ``min_item_count`` training ratings. A rating >= ``like_threshold`` is a like for the AUC (the heads' own
+    like is :data:`mrec_utils.heads.LIKE`, 4.0 too).
     """
 
-    coldstart: coldstart.ColdStartConfig = field(default_factory=coldstart.ColdStartConfig)
+    coldstart: coldstart.ColdStartSettings = field(default_factory=coldstart.ColdStartSettings)
     gpt: gpt.ItemGPTSettings = field(default_factory=lambda: gpt.ItemGPTSettings(epochs=10))
     heads: gm.HeadSettings = field(default_factory=gm.HeadSettings)
     lm: str | None = None
@@ -240,13 +241,13 @@ def head_runs(d: coldstart.ColdStartData, ml: data.MovieLens, llm: lm.LoadedLM, 
             "frozen LM parameters": int(sum(p.numel() for p in llm.model.parameters()))}
     feats = gm.lm_item_features(raw, n_components=s.components, fit_rows=np.searchsorted(need, catalogue))
     pools = gm.rating_pools(d.train[d.train.item_id.isin(catalogue)], need)
-    val = gm.like_tasks(d.val_episodes, feats, need, s.like_threshold, device=d.device)
+    val = gm.like_tasks(d.val_episodes, feats, need, device=d.device)  # a like is a rating >= heads.LIKE
     names = [m.removeprefix("head_") for m in methods]
     fitted = gm.fit_heads(pools, torch.as_tensor(feats, device=d.device), [val], names, s.heads, seed=d.seed)
     info.update({k: (list(v) if k == "finetune" else v) for k, v in fitted.choices.items()
                  if k in ("logreg_l2", "finetune", "residual_learn_init")})
     sec = fitted.seconds
-    test = lambda: gm.like_tasks(d.test_episodes, feats, need, s.like_threshold, device=d.device)  # noqa: E731
+    test = lambda: gm.like_tasks(d.test_episodes, feats, need, device=d.device)  # noqa: E731
     runs = {}
     for name in names:  # the meta-learners and fine-tuning start from the global head: their cost includes it
         own = sec.get(f"{name} (choice)", sec.get(name, 0.0))
@@ -272,7 +273,7 @@ def score_runs(runs: dict[str, MethodRun], d: coldstart.ColdStartData, seed: int
         secs = time.perf_counter() - t0
         s = np.asarray(s.detach().cpu() if isinstance(s, torch.Tensor) else s, dtype=np.float64)
         ev = ranking_metrics(s, y, mask, like_threshold)
-        ev.insert(0, "user_id", et.user_ids)
+        ev.insert(0, "user_id", d.test_users)
         for col, v in (("chapter", RANKING_CHAPTER[m]), ("method", m), ("seed", seed)):
             ev.insert(0, col, v)
         rows.append(ev)
@@ -284,11 +285,13 @@ def score_runs(runs: dict[str, MethodRun], d: coldstart.ColdStartData, seed: int
 def chapter5_runs(d: coldstart.ColdStartData, methods: Sequence[str], fitted: dict | None = None) -> dict[str, MethodRun]:
     """Chapter 5's rating models as :class:`MethodRun` s (fitted here unless ``fitted[method]`` is given)."""
     lo, hi = d.rating_range
-    cache: dict = {}
     out = {}
     for m in methods:
-        f = (fitted or {}).get(m) or coldstart.fit_method(m, d, cache)
-        out[m] = MethodRun((lambda f_: lambda: np.clip(f_.predict(d.test, False)[0], lo, hi))(f), f.seconds)
+        f = (fitted or {}).get(m)
+        if f is None:
+            train.seed_everything(d.seed)
+            f = coldstart.METHODS[m].fit(d)
+        out[m] = MethodRun((lambda f_: lambda: np.clip(f_.predict(d.test, d.test_users, False)[0], lo, hi))(f), f.seconds)
     return out
 
 
@@ -345,6 +348,8 @@ def ranking_benchmark(dataset: str | data.MovieLens = "ml-latest-small", scenari
         split_kwargs: passed to :func:`mrec_utils.tasks.make_split`.
     """
     methods = check_methods(methods, RANKING_METHODS)
+    if scenario not in coldstart.SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; choose one of {', '.join(coldstart.SCENARIOS)}.")
     if isinstance(shots, bool) or not isinstance(shots, (int, np.integer)) or shots < 1:
         raise ValueError(f"shots must be an int >= 1 (the support size k), got {shots!r}.")
     seeds = [int(x) for x in seeds]
@@ -356,7 +361,7 @@ def ranking_benchmark(dataset: str | data.MovieLens = "ml-latest-small", scenari
     ml = data.load_movielens(dataset) if isinstance(dataset, str) else dataset
     rows, cost, info = [], [], {}
     for seed in seeds:
-        d = coldstart.prepare_data(ml.ratings, ml.items, ml.users, scenario, int(shots), seed, s.coldstart, **split_kwargs)
+        d = coldstart.prepare_data(ml, scenario, int(shots), seed, s.coldstart, **split_kwargs)
         pu, c, info[seed] = ranking_seed(ml, d, methods, s, llm, progress=progress)
         rows.append(pu)
         cost += c

@@ -67,12 +67,12 @@ def _size(m: str, f: coldstart.Fitted, n_items: int) -> tuple[int, int]:
     if m == "item_mean":
         return n_items, 0
     if m == "mf_foldin":
-        mf = f.info["mf"]
+        mf = f.info.mf
         return 1 + sum(t.numel() for t in (mf.item_factors, mf.item_bias, mf.user_factors, mf.user_bias)), mf.item_factors.shape[1] + 1
-    model = f.info["model"]
+    model = f.info.model
     if m == "protonet":
         return _count(model), 0
-    return _count(model), 0 if f.info["steps"] == 0 else _count(model, melu_adapt_spec(f.info["adapt"]))
+    return _count(model), 0 if f.info.steps == 0 else _count(model, melu_adapt_spec(f.info.adapt))
 
 
 def coldstart_cost(result: coldstart.ColdStartResult, repeats: int = 3) -> pd.DataFrame:
@@ -93,7 +93,7 @@ def coldstart_cost(result: coldstart.ColdStartResult, repeats: int = 3) -> pd.Da
         for _ in range(repeats):
             sync(d.device)
             t0 = time.perf_counter()
-            f.predict(d.test, False)
+            f.predict(d.test, d.test_users, False)
             sync(d.device)
             times.append(time.perf_counter() - t0)
         n_par, n_ad = _size(m, f, d.features.n_items)
@@ -150,8 +150,8 @@ def run_job(job: Job, settings: RankingSettings | None = None, coldstart_methods
     ml = _movielens(job.dataset, data_dir) if movielens is None else movielens
     t0 = time.perf_counter()
     try:
-        res = coldstart.run_coldstart(ml, job.scenario, job.k, seeds=[job.seed], methods=list(coldstart_methods),
-                                      config=s.coldstart, progress=False, **(split_kwargs or {}))
+        res = coldstart.run_coldstart(ml, job.scenario, job.k, seeds=[job.seed], methods=[coldstart.METHODS[m] for m in coldstart_methods],
+                                      settings=s.coldstart, progress=False, **(split_kwargs or {}))
     except ValueError as exc:
         if "lower shots" not in str(exc):
             raise

@@ -11,12 +11,13 @@ import pandas as pd
 
 from mrec_bench import ranking
 from mrec_utils import coldstart as cs, data as D, gpt
-from mrec_utils.gpt_meta import HeadSettings
+from mrec_utils.heads import HeadSettings
 
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi"]
-CCFG = cs.ColdStartConfig(emb_dim=8, hidden=(16, 8), net_epochs=2, meta_epochs=2, meta_batch=16, train_query=10,
-                          mf_iters=3, patience=2, reptile_steps=2, lr_grid=(1.0,), finetune_lrs=(0.1,),
-                          finetune_steps=(1, 3), foldin_regs=(1.0, 3.0), device="cpu")
+CCFG = cs.ColdStartSettings(cs.EpisodeSettings(train_query=10), cs.NetSettings(emb_dim=8, hidden=(16, 8), epochs=2),
+                            cs.MetaSettings(epochs=2, batch=16, reptile_steps=2, lr_grid=(1.0,)),
+                            cs.BaselineSettings(finetune_lrs=(0.1,), finetune_steps=(1, 3), foldin_regs=(1.0, 3.0), mf_iters=3),
+                            patience=2, device="cpu")
 RCFG = ranking.RankingSettings(
     coldstart=CCFG,
     gpt=gpt.ItemGPTSettings(min_count=2, max_len=20, n_embd=16, n_head=2, epochs=2, batch_size=32, cooc_windows=(1, 3), cooc_lasts=(2,)),

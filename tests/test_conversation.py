@@ -1,35 +1,34 @@
-"""Tests of mrec_utils.conversation (chapter 9's conversational recommender).
+"""Tests of mrec_utils.conversation (chapter 11's conversational recommender) and its chat widget.
 
 Fast stand-ins: a deterministic bag-of-words text embedder (each word a fixed random vector) and a
-tiny random GPT-2 with an in-memory character tokenizer for the LM reason path.
+tiny random GPT-2 with an in-memory character tokenizer for the language-model path. The simulated
+users and the simulation loop live in chapter 11 (its checked cells).
 """
 
 from __future__ import annotations
 
+import html
 import zlib
+from dataclasses import replace
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
 from mrec_utils import conversation as C
-from mrec_utils import meta
+from mrec_utils import lm, meta
 from tiny_lm import tiny_lm  # tests/tiny_lm.py
 
 from mrec_utils.conversation import (
     ConvRecommender,
     Conversation,
-    SimUser,
+    ConversationSettings,
     adapt_head,
-    center_embeddings,
     clean_reason,
-    hit_curves,
     parse_feedback,
     respond,
     run_script,
     score_items,
-    simulate_user_sessions,
     template_reason,
 )
 
@@ -77,14 +76,23 @@ def make_catalog(n: int = 18):
     return ids, titles, texts
 
 
+def center_embeddings(raw):
+    """As chapter 11 centres the item embeddings: unit rows minus their mean, re-normalised."""
+    r = torch.nn.functional.normalize(torch.as_tensor(raw), dim=1)
+    return torch.nn.functional.normalize(r - r.mean(0), dim=1), r.mean(0)
+
+
+SETTINGS = replace(ConversationSettings(), prior_weight=2.0, popularity_weight=0.0, inner_lr=1.0, inner_steps=2)
+
+
 def make_rec(n: int = 18, reason_fn=None, prior_weight: float = 2.0, head=None) -> ConvRecommender:
     ids, titles, texts = make_catalog(n)
     x, center = center_embeddings(bow_embed(texts))
     torch.manual_seed(0)
     head = LinearHead(DIM) if head is None else head
     return ConvRecommender(ids, texts, titles, x, center, head, bow_embed, reason_fn=reason_fn,
-                           prior_weight=prior_weight, inner_lr=1.0, steps=2,
-                           popularity=np.arange(n, 0, -1).astype(np.float64))
+                           popularity=np.arange(n, 0, -1).astype(np.float64),
+                           settings=replace(SETTINGS, prior_weight=prior_weight))
 
 
 def stub_reason(statement, liked, item_text):
@@ -254,35 +262,32 @@ def test_adapt_head_matches_hand_written_sgd():
     b = rec.init["out.bias"].clone().reshape(())
     xs = rec.item_emb[liked + disliked]
     y = torch.tensor([1.0, 1.0, 0.0])
-    for _ in range(rec.steps):
+    for _ in range(rec.settings.inner_steps):
         p = torch.sigmoid(xs @ w + b)
         g = (p - y) / len(y)
-        w, b = w - rec.inner_lr * (xs.T @ g), b - rec.inner_lr * g.sum()
+        w, b = w - rec.settings.inner_lr * (xs.T @ g), b - rec.settings.inner_lr * g.sum()
     got = adapt_head(rec, liked, disliked)
     assert torch.allclose(got["out.weight"].reshape(-1), w, atol=1e-6)
     assert torch.allclose(got["out.bias"].reshape(()), b, atol=1e-6)
     assert adapt_head(rec, [], []) == rec.init
 
 
-def test_center_embeddings():
-    raw = np.random.default_rng(0).standard_normal((10, 5)).astype(np.float64) + 3.0
-    x, c = center_embeddings(raw)
-    assert torch.allclose(x.norm(dim=1), torch.ones(10), atol=1e-5)
-    r = torch.nn.functional.normalize(torch.as_tensor(raw), dim=1)
-    assert torch.allclose(c, r.mean(0), atol=1e-6)
-    with pytest.raises(ValueError):
-        center_embeddings(raw[:1])
+def test_statements_are_centred_like_the_items():
+    rec = make_rec()
+    # a film's own text as a statement lands on the film's row: same model, same centring
+    assert torch.allclose(rec.embed_statements(rec.texts[:3]), rec.item_emb[:3], atol=1e-12)
+    assert torch.allclose(rec.embed_statements(["Horror"]).norm(dim=1), torch.ones(1))
 
 
 def test_only_the_init_parameters_adapt_and_head_features_are_used():
-    from mrec_utils.gpt_meta import UserHead
+    from mrec_utils.heads import UserHead
 
     rec0 = make_rec()
     feats = torch.randn(len(rec0.item_ids), 7, generator=torch.Generator().manual_seed(1))
     head = UserHead(7, d_proj=5)
     init = {k: v.detach().clone() for k, v in head.named_parameters() if k.startswith("head")}
     rec = ConvRecommender(rec0.item_ids, rec0.texts, rec0.titles, rec0.item_emb, rec0.center, head, bow_embed,
-                          head_features=feats, init=init, inner_lr=1.0, steps=2)
+                          head_features=feats, init=init, settings=SETTINGS)
     body = {k: v.detach().clone() for k, v in head.named_parameters() if k.startswith("body")}
     p = adapt_head(rec, [0, 1], [2])
     assert set(p) == set(init) and any(not torch.equal(p[k], init[k]) for k in init)
@@ -334,9 +339,13 @@ def _tiny_lm():
 
 
 def test_with_a_tiny_lm_end_to_end_is_deterministic():
-    lm = _tiny_lm()
-    embed = C.lm_embed_fn(lm, use_cache=False)
-    reason = C.lm_reason_fn(lm, max_new_tokens=4)
+    model = _tiny_lm()
+
+    def embed(texts):
+        return lm.embed_texts(list(texts), model, use_cache=False, progress=False)
+
+    def reason(statement, liked, item_text):
+        return "You might enjoy it because " + lm.generate(model, item_text, max_new_tokens=4, chat=False)
 
     def build():
         ids, titles, texts = make_catalog(10)
@@ -349,82 +358,67 @@ def test_with_a_tiny_lm_end_to_end_is_deterministic():
     assert a == b and len(a) == 3
 
 
-def test_chat_loop_reads_until_quit():
-    turns = iter(["I like Drama", "yes", "quit", "never read"])
-    printed = []
-    s = C.chat(make_rec(), input_fn=lambda prompt: next(turns), print_fn=printed.append)
-    assert len(s.turns) == 3 and printed[-1].startswith("bot>  Goodbye") and len(s.liked) == 1
-
-
 # ------------------------------------------------------------------------------------------------
-# simulation
+# the chat widget (ipywidgets): type into the box, press Send
 # ------------------------------------------------------------------------------------------------
 
 
-def test_opening_statement_and_simulated_users():
-    assert C.opening_statement([["Comedy", "Romance"], ["Comedy"], ["Horror"]], [5, 4, 2]) == \
-        "I like Comedy and Romance movies."
-    assert C.opening_statement([["Horror"]], [1.0]) == "I like Horror movies."
-    assert C.opening_statement([[]], [5.0]) == "I like movies."
-    ts = pd.to_datetime([3, 1, 2, 4], unit="s", utc=True)
-    ratings = pd.DataFrame({"user_id": [7, 7, 7, 7], "item_id": [11, 10, 12, 13],
-                            "rating": [5.0, 4.0, 1.0, 3.0], "timestamp": ts})
-    items = pd.DataFrame({"item_id": [10, 11, 12, 13], "genres": [["Drama"], ["Drama", "War"], ["Horror"], []]})
-    (u,) = C.simulated_users(ratings, items, n_first=2)
-    # first two in time: item 10 (4 stars, Drama) and 12 (1 star, Horror): only the liked one counts
-    assert u.statement == "I like Drama movies." and list(u.known) == [10, 12]
-    assert u.ratings == {11: 5.0, 13: 3.0}
+def _say(app, text):
+    app.text.value = text
+    app.send.click()
 
 
-def test_simulation_protocol_and_hit_curves():
-    rec = make_rec(n=12)
-    ids = rec.item_ids
-    # popularity order is catalogue order; user knows ids[0]; likes ids[2], dislikes ids[1]
-    users = [SimUser(1, "I like Horror", np.array([ids[0]]), {int(ids[1]): 2.0, int(ids[2]): 5.0}),
-             SimUser(2, "I like Comedy", np.array([], dtype=np.int64), {int(ids[5]): 4.0})]
-    df = simulate_user_sessions(rec, users, n_turns=4)
-    pop = df[(df.strategy == "popularity") & (df.user_id == 1)]
-    assert pop.item_id.tolist() == ids[1:5].tolist()
-    assert pop.answer.tolist() == ["dislike", "like", "unseen", "unseen"]
-    for strat, g in df.groupby("strategy"):
-        for uid, gu in g.groupby("user_id"):
-            assert gu.item_id.is_unique and ids[0] not in gu[gu.user_id == 1].item_id.tolist()
-    curves = hit_curves(df, n_boot=200)
-    c = curves[curves.strategy == "popularity"].set_index("turn")
-    # user 1 hits at turn 2; user 2 (likes ids[5]) never within 4 popularity turns
-    assert c.hit_rate.tolist() == [0.0, 0.5, 0.5, 0.5]
-    assert c.precision.tolist() == [0.0, 0.5, 0.0, 0.0]
-    assert (c.low <= c.hit_rate).all() and (c.hit_rate <= c.high).all()
-    # the adapted strategy with no feedback equals the unadapted one
-    a = df[(df.strategy == "full loop (adapted)") & (df.user_id == 2)].item_id.tolist()
-    b = df[(df.strategy == "loop without adaptation") & (df.user_id == 2)].item_id.tolist()
-    if not (df[(df.user_id == 2)].answer != "unseen").any():
-        assert a == b
+def test_chat_widget_drives_the_loop_like_respond():
+    rec = make_rec(reason_fn=stub_reason)
+    app = C.chat_widget(rec)
+    assert "Hi!" in app.transcript.value and app.session.turns == []
+    for turn in SCRIPT:
+        _say(app, turn)
+        assert app.text.value == ""  # the box is cleared for the next turn
+    expected = run_script(make_rec(reason_fn=stub_reason), SCRIPT)
+    assert [b for _, b in app.session.turns] == [r.text for _, r in expected]
+    shown = [rec.titles[r] for r in app.session.shown]
+    assert shown == [r.title for _, r in expected if r.kind == "recommend"]
+    for _, r in expected:  # every reply is in the transcript, escaped for HTML
+        assert html.escape(r.text) in app.transcript.value
+    items = app.recommendations.value.split("<li>")[1:]
+    assert len(items) == 7 and items[0].startswith(html.escape(shown[0]) + ": liked")
+    assert items[1].endswith(": disliked</li>") and items[2].endswith(": not seen</li>")
+    assert items[-1].startswith(html.escape(shown[-1]) + ": waiting for your answer")  # "quit" answered nothing
+    assert "Goodbye" in app.transcript.value
 
 
-def test_simulation_validates():
-    rec = make_rec()
-    with pytest.raises(ValueError):
-        simulate_user_sessions(rec, [], strategies=["oracle"])
-    rec.popularity = None
-    with pytest.raises(ValueError):
-        simulate_user_sessions(rec, [], strategies=["popularity"])
+def test_chat_widget_bad_input():
+    rec = make_rec(reason_fn=stub_reason)
+    app = C.chat_widget(rec)
+    _say(app, "")
+    assert app.session.shown == [] and "didn&#x27;t catch anything" in app.transcript.value
+    _say(app, "I like Horror " * 1000)  # 14,000 characters
+    assert len(app.session.shown) == 1 and "That was long" in app.transcript.value
+    assert ("I like Horror " * 6)[:77] + "..." in app.transcript.value and len(app.transcript.value) < 3000
+    _say(app, "<b>no</b>")  # markup is shown as text, not rendered
+    assert "&lt;b&gt;no&lt;/b&gt;" in app.transcript.value and len(app.session.disliked) == 1
+    _say(app, "   ")
+    assert "Did you like" in app.session.turns[-1][1] and len(app.session.shown) == 2
+    with pytest.raises(TypeError):
+        respond(rec, app.session, None)  # type: ignore[arg-type]
 
 
-def test_popularity_term_is_standardised_log_counts():
+def test_popularity_term_is_standardised_log_counts_and_statement_only_drops_head_and_popularity():
     rec = make_rec(n=12)
     base = score_items(rec, None, None)
     rec2 = make_rec(n=12)
-    rec2.popularity_weight = 0.5
-    rec2.__post_init__()
+    rec2.settings = replace(rec2.settings, popularity_weight=0.5)
     lp = np.log1p(rec.popularity.astype(np.float64))
     z = (lp - lp.mean()) / lp.std()
-    assert np.allclose(score_items(rec2, None, None).numpy() - base.numpy(), 0.5 * z, atol=1e-5)
-    # statement only ignores head and popularity
-    s = rec.embed_statement("Horror")
-    c = (rec.item_emb @ s).numpy().astype(np.float64)
-    expected = rec.prior_weight * (c - c.mean()) / c.std(ddof=1)
-    assert np.allclose(score_items(rec2, None, s, use_head=False).numpy(), expected, atol=1e-5)
-    with pytest.raises(ValueError):
-        make_rec().__class__(rec.item_ids, rec.texts, rec.titles, rec.item_emb, rec.center, rec.head, bow_embed,
-                             popularity_weight=1.0)
+    assert np.allclose(score_items(rec2, None, None).numpy() - base.numpy(), 0.5 * z, atol=1e-12)
+    s = rec.embed_statements(["Horror"])[0]
+    c = (rec.item_emb @ s).numpy()
+    expected = rec.settings.prior_weight * (c - c.mean()) / c.std(ddof=1)
+    assert np.allclose(score_items(rec2, None, s, use_head=False).numpy(), expected, atol=1e-12)
+
+
+def test_mismatched_catalogue_is_refused():
+    rec = make_rec()
+    with pytest.raises(ValueError, match="same items"):
+        ConvRecommender(rec.item_ids, rec.texts[:-1], rec.titles, rec.item_emb, rec.center, rec.head, bow_embed)

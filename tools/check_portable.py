@@ -44,7 +44,7 @@ VARIANTS: dict[str, dict[str, str]] = {
 
 def sensitive_targets() -> list[str]:
     """The live-slice tests and every notebook that uses the language model or the benchmark."""
-    uses = re.compile(r"\b(lm|benchmark|mrec_bench|gpt_meta|conversation)\b")
+    uses = re.compile(r"\b(lm|benchmark|mrec_bench|heads|metaemb|conversation)\b")
     notebooks = [p for p in sorted(ROOT.glob("notebooks/*.ipynb")) + sorted(ROOT.glob("book/*.ipynb"))
                  if uses.search(p.read_text(encoding="utf-8"))]
     return ["tests/test_benchmark_results.py", "tests/test_portable.py"] + [p.relative_to(ROOT).as_posix() for p in notebooks]
