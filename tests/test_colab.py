@@ -32,7 +32,7 @@ import setup_cells  # noqa: E402
 
 # The chapters the simulated Colab test runs: chapter 1, and the fastest chapter that uses the
 # language model. Edit this list when chapters are renamed.
-SIMULATED_COLAB = ["notebooks/01_movielens.ipynb", "notebooks/09_conversational.ipynb"]
+SIMULATED_COLAB = ["notebooks/01_movielens.ipynb", "notebooks/11_conversational.ipynb"]
 SIMULATED_FLAVOUR = "students"
 # Colab comes with torch installed: the Makefile's TORCH_SPEC (torch==2.13.0, a CPU build that lies
 # on the test machines' disk). pytest and nbval drive the notebook; ipykernel is Colab's kernel.
