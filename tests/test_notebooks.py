@@ -86,3 +86,13 @@ def test_title_cell_has_colab_badge_and_learning_goals(path):
     expected = book_config.badge_markdown(path.relative_to(ROOT))
     assert expected in first.source, f"{path.name}: the Colab badge must be {expected} (python tools/setup_cells.py --write)"
     assert "learn" in first.source.lower(), f"{path.name}: the title cell must say what the reader will learn"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_markdown_has_no_control_characters(path):
+    """A TeX command written through a non-raw Python string loses its backslash (``\\frac`` -> form
+    feed + ``rac``, ``\\theta`` -> tab + ``heta``, ``\\nabla`` -> new line + ``abla``): catch them."""
+    nb = nbformat.read(path, as_version=4)
+    bad = [(i, m.group()) for i, cell in enumerate(nb.cells) if cell.cell_type == "markdown"
+           for m in re.finditer(r".{0,12}(?:[\t\x07\x08\x0b\x0c\r]|\n(?:abla|eq|ot)\b).{0,12}", cell.source, re.S)]
+    assert not bad, f"{path.name}: control characters in markdown (cell, context): {bad[:5]}"
