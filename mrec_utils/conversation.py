@@ -275,6 +275,9 @@ _META_TALK = ("as an ai", "this is an example", "rephrase", "i'm sorry", "i am s
               "language model", "instruction", "the prompt")
 
 
+_ABBREVIATION = re.compile(r"\b(?:Dr|Mr|Mrs|Ms|St|Jr|Sr|Mt|Inc|Co|Ltd|vs|Vol|No|[A-Z])\.$")  # a full stop that ends no sentence
+
+
 def clean_reason(raw: object, item_text: str = "", max_chars: int = 240) -> str | None:
     """One clean sentence from the model's output, or None when it is unusable: markup and quotes
     stripped, the first sentence of at least four words, at most ``max_chars``; rejected when it has
@@ -285,8 +288,14 @@ def clean_reason(raw: object, item_text: str = "", max_chars: int = 240) -> str 
     t = re.sub(r"<[^>]*>|[*_#`]+", " ", raw)
     t = re.sub(r"^\s*(?:reason|answer|explanation|assistant)\s*:\s*", "", t, flags=re.I)
     t = re.sub(r"\s+", " ", t).strip().strip("\"'“”").strip()
+    sentences: list[str] = []
+    for piece in (p.strip() for p in re.split(r"(?<=[.!?])\s+", t) if p.strip()):
+        if sentences and _ABBREVIATION.search(sentences[-1]):  # "Dr. Strangelove" is one sentence
+            sentences[-1] += " " + piece
+        else:
+            sentences.append(piece)
     first = ""
-    for s in (s.strip() for s in re.split(r"(?<=[.!?])\s+", t) if s.strip()):
+    for s in sentences:
         first = f"{first} {s}".strip()
         if len(first.split()) >= 4:
             break

@@ -317,6 +317,10 @@ def test_only_the_init_parameters_adapt_and_head_features_are_used():
         ("This is an example of how to provide accurate information without inventing things.", None),
         ("You might enjoy Toy Story (1995) because it is a funny animated film.",
          "You might enjoy Toy Story (1995) because it is a funny animated film."),
+        ("You might enjoy Dr. Strangelove (1964) because it is a sharp satire. It is old.",
+         "You might enjoy Dr. Strangelove (1964) because it is a sharp satire."),
+        ("You might enjoy Monsters, Inc. (2001) because of its jokes. More.",
+         "You might enjoy Monsters, Inc. (2001) because of its jokes."),
     ],
 )
 def test_clean_reason(raw, ok):
