@@ -45,7 +45,7 @@ class ConversationSettings:
     inner_steps: int = 2  # SGD steps per user, in meta-training and in the conversation
     meta_inner_lr: float = 0.3  # inner learning rate during meta-training
     prior_weight: float = 0.5  # lambda, weight of the statement prior
-    popularity_weight: float = 1.0  # mu, weight of the standardised log popularity
+    popularity_weight: float = 16.0  # mu, weight of the standardised log popularity (chosen inside its grid, chapter 11)
     inner_lr: float = 0.3  # inner learning rate in the conversation
     n_turns: int = 10  # suggestions per simulated conversation
     n_first: int = 5  # a simulated user's opening statement comes from their first 5 ratings
