@@ -36,7 +36,7 @@ class MetaEmbSettings:
     per_item: int = 8
     alpha: float = 0.1
     n_neg: int = 16
-    warm_lrs: tuple[float, ...] = (0.005, 0.02, 0.05)
+    warm_lrs: tuple[float, ...] = (0.005, 0.02, 0.05, 0.1)
     warmup_events: int = 5
     max_updates: int = 3
     first_order: bool = False
