@@ -57,10 +57,6 @@ def _need(ok: bool, message: str, error: type[Exception] = ValueError) -> None:
         raise error(message)
 
 
-def _is_int(v: object, low: int) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= low
-
-
 # ============================================================================ the padded batch
 
 
@@ -125,21 +121,11 @@ class SplitSettings:
     temporal_query_size: int = 10
 
     def __post_init__(self) -> None:
-        _need(_is_int(self.seed, 0), f"seed must be a non-negative int, got {self.seed!r}", TypeError)
-        for name, low in (("test_frac", 0.0), ("val_frac", None), ("item_cutoff_quantile", 0.0)):
-            v = getattr(self, name)
-            _need(isinstance(v, (int, float, np.number)) and (v > low if low is not None else v >= 0) and v < 1,
-                  f"{name} must lie in {'(0, 1)' if low is not None else '[0, 1)'}, got {v!r}")
-        _need(self.test_frac + self.val_frac < 1, "test_frac + val_frac must be < 1 so that some users remain "
-              f"for training, got {self.test_frac} + {self.val_frac}")
         for name in ("test_frac", "val_frac", "item_cutoff_quantile"):
             object.__setattr__(self, name, float(getattr(self, name)))
-        for name in ("min_ratings", "max_ratings", "temporal_query_size"):
-            v = getattr(self, name)
-            _need(_is_int(v, 1) or (name == "max_ratings" and v is None),
-                  f"{name} must be an int >= 1{' or None' if name == 'max_ratings' else ''}, got {v!r}", TypeError)
-        _need(self.max_ratings is None or self.max_ratings >= self.min_ratings,
-              f"max_ratings={self.max_ratings} is smaller than min_ratings={self.min_ratings}")
+        _need(0 < self.test_frac and 0 <= self.val_frac and self.test_frac + self.val_frac < 1
+              and 0 < self.item_cutoff_quantile < 1, "need 0 < test_frac, 0 <= val_frac, test_frac + val_frac < 1 "
+              f"and 0 < item_cutoff_quantile < 1; got {self.test_frac}, {self.val_frac}, {self.item_cutoff_quantile}")
         _need(self.cold_support in ("new", "old"), f"cold_support must be 'new' or 'old', got {self.cold_support!r}")
 
 
@@ -315,7 +301,6 @@ def make_split(ratings: pd.DataFrame, scenario: str, *, seed: int = 0, **setting
     in_eval = in_test | in_val
     keep = {"user-cold": ~in_eval, "item-cold": ~is_new, "user+item-cold": ~in_eval & ~is_new,
             "temporal": ~(in_eval & can_q)}[scenario]
-    _need(keep.any(), f"{scenario}: the training part is empty; lower test_frac/val_frac")
 
     def eval_frame(rows: np.ndarray) -> pd.DataFrame:
         m = rows & (can_s | can_q)
@@ -409,11 +394,7 @@ def _sizes(preset: str | EpisodePreset | None, sizes: dict) -> EpisodePreset:
         return dataclasses.replace(p, **{k: v for k, v in sizes.items() if v is not None})
     _need({"k_support", "n_query"} <= set(sizes), "make_episodes needs k_support= and n_query= (ints or None), "
           "or preset=", TypeError)
-    p = EpisodePreset("custom", **sizes)
-    for name in ("k_support", "n_query", "min_ratings", "max_ratings"):
-        v = getattr(p, name)
-        _need(v is None or _is_int(v, 1), f"{name} must be an int >= 1 or None, got {v!r}", TypeError)
-    return p
+    return EpisodePreset("custom", **sizes)
 
 
 def _user_rng(seed: int, user_id: int) -> np.random.Generator:
@@ -490,19 +471,14 @@ def _episode_frame(source: Split | pd.DataFrame, users, query_pool) -> tuple[pd.
         _need(query_pool is None, "query_pool cannot be combined with a Split: the split's can_query column "
               "defines the query pool; pass a DataFrame (e.g. split.train) to set query_pool yourself", TypeError)
         if isinstance(users, str):
-            _need(users in ("train", "val", "test"), f"users={users!r}: use 'train', 'val', 'test' or an array of user ids")
             if users == "train":
                 return source.train, source.train_users
             return getattr(source, users), getattr(source, f"{users}_users")
-        _need(users is not None, "with a Split, pass users='train', 'val', 'test' or an array of user ids")
         frame = pd.concat([source.val, source.test], ignore_index=True)
         bad = np.setdiff1d(np.atleast_1d(users), frame["user_id"].to_numpy())
         _need(len(bad) == 0, f"user(s) {bad[:5].tolist()} are not evaluation users of this split; pass users='val'/"
               "'test', or users='train' / make_episodes(split.train, ...) for training episodes")
         return frame, users
-    _need(isinstance(source, pd.DataFrame), f"source must be a Split or a ratings DataFrame, got {type(source).__name__}",
-          TypeError)
-    _need(not isinstance(users, str), f"users={users!r} is only meaningful with a Split; pass an array of user ids")
     if users is None:
         users = np.unique(source["user_id"].to_numpy())
     if query_pool is not None:
@@ -537,12 +513,9 @@ def make_episodes(source: Split | pd.DataFrame, users: str | Sequence[int] | np.
     """
     p = _sizes(preset, sizes)
     _need(order in ("random", "time"), f"order must be 'random' or 'time', got {order!r}")
-    _need(on_short in ("raise", "skip"), f"on_short must be 'raise' or 'skip', got {on_short!r}")
     frame, users = _episode_frame(source, users, query_pool)
     df, t = _prepare(frame, "source")
     users = np.asarray(users)
-    uniq, cnt = np.unique(users, return_counts=True)
-    _need(not np.any(cnt > 1), f"users contains duplicates, e.g. {uniq[cnt > 1][:5].tolist()}")
     u = df["user_id"].to_numpy()
     starts, ends = np.searchsorted(u, users, side="left"), np.searchsorted(u, users, side="right")
     absent = users[starts == ends]
@@ -579,9 +552,7 @@ class ItemIndex:
     @classmethod
     def from_ids(cls, ids: Sequence[int] | np.ndarray | pd.Series) -> "ItemIndex":
         """Build from any array-like of integer item ids (duplicates allowed)."""
-        arr = np.unique(np.asarray(ids))
-        _need(arr.size > 0 and np.issubdtype(arr.dtype, np.integer), "ItemIndex needs at least one integer item id")
-        return cls(item_ids=arr.astype(np.int64))
+        return cls(item_ids=np.unique(np.asarray(ids)).astype(np.int64))
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -620,7 +591,6 @@ def collate_episodes(episodes: Sequence[Episode], *, item_index: ItemIndex | Non
     ``x`` holds the features, zero at padded slots. ``y`` has torch's default dtype, 0 at padding.
     S and Q are the largest support and query sizes in the batch.
     """
-    _need(len(episodes) > 0, "episodes is empty; nothing to collate")
     dev = torch.device("cpu") if device is None else torch.device(device)
     pad = -1 if item_index is None else item_index.pad_index
 
@@ -646,7 +616,6 @@ def collate_episodes(episodes: Sequence[Episode], *, item_index: ItemIndex | Non
 def iterate_meta_batches(episodes: Sequence[Episode], batch_size: int, seed: int = 0, **collate_kwargs) -> Iterator[TaskBatch]:
     """One pass over ``episodes`` in a seeded random order, as :class:`TaskBatch` es of ``batch_size``
     tasks (the last one smaller); ``collate_kwargs`` go to :func:`collate_episodes`."""
-    _need(_is_int(batch_size, 1), f"batch_size must be an int >= 1, got {batch_size!r}")
     order = np.random.default_rng(seed).permutation(len(episodes))
     for a in range(0, len(order), batch_size):
         yield collate_episodes([episodes[i] for i in order[a:a + batch_size]], **collate_kwargs)
