@@ -77,10 +77,6 @@ def _task_loss(model: nn.Module, params: Params, frozen: Params, x: Inputs, y: T
 
 def _adapt(model, params, frozen, x, y, mask, loss_fn, steps: int, inner_lr: Rate, first_order: bool) -> Params:
     """The inner SGD loop on one task with zeroed padding (works under ``vmap``)."""
-    if inner_lr is None:
-        raise ValueError("inner_lr is required: a float > 0, or one tensor per parameter (Meta-SGD).")
-    if isinstance(inner_lr, Mapping) and set(inner_lr) != set(params):
-        raise ValueError(f"Meta-SGD rates must have exactly the keys of params {sorted(params)}, got {sorted(inner_lr)}.")
     grad_fn = grad(lambda p, fz: _task_loss(model, p, fz, x, y, mask, loss_fn))  # d/d params only
     # first order: the inner gradients are constants for the outer loop (computed on detached copies)
     fz_inner = _detach(frozen) if first_order else frozen
@@ -216,14 +212,6 @@ def init_meta_sgd_lrs(params: Mapping[str, Tensor], init: float = 0.01) -> Param
 # ============================================================================ parameters and losses
 
 
-def _last_linear(model: nn.Module) -> str:
-    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not names:
-        raise ValueError("adapt='head' looks for the last nn.Linear of the model and found none; pass the head's "
-                         "parameter-name prefixes instead, e.g. adapt=['out'].")
-    return names[-1]
-
-
 def split_params(model: nn.Module, adapt: AdaptSpec = "all") -> tuple[Params, Params]:
     """Split ``model``'s parameters into those the inner loop adapts and the rest (``frozen``).
 
@@ -240,12 +228,9 @@ def split_params(model: nn.Module, adapt: AdaptSpec = "all") -> tuple[Params, Pa
     if adapt == "all":
         select = lambda name: True  # noqa: E731
     elif adapt == "head":
-        head = _last_linear(model)
+        head = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
         select = lambda name: name.startswith(head + ".")  # noqa: E731
     elif isinstance(adapt, (list, tuple)):
-        for p in adapt:
-            if not any(n == p or n.startswith(p + ".") for n in named):
-                raise ValueError(f"adapt prefix {p!r} matches no parameter; names are {list(named)}.")
         select = lambda name: any(name == p or name.startswith(p + ".") for p in adapt)  # noqa: E731
     elif callable(adapt):
         select = adapt
@@ -414,8 +399,6 @@ def meta_train(model: nn.Module, method: MetaMethod, sample_batch: Callable[[int
             or "max") decides what is better and when to stop. The best state of ``keep`` (default:
             the model's ``state_dict``; a dict of tensors, e.g. with Meta-SGD rates) is restored at the end.
     """
-    if validate is not None and stop is None:
-        raise ValueError("with validate=, pass stop=train.EarlyStopping(patience=..., mode='min' or 'max').")
     keep = model if keep is None else keep
     log, start = MetaLog(), time.perf_counter()
     for step in train.progress(range(n_steps), desc=type(method).__name__):
