@@ -581,17 +581,10 @@ def item_text(items: pd.DataFrame, tags: pd.DataFrame | None = None, max_tags: i
     Returns:
         Series of str indexed by ``item_id``, in the order of ``items``.
     """
-    if not isinstance(items, pd.DataFrame) or (tags is not None and not isinstance(tags, pd.DataFrame)):
-        raise TypeError("items (and tags) must be pandas DataFrames: MovieLens.items and MovieLens.tags")
     for frame, cols, what in ((items, ("item_id", "title", "genres"), "items"), (tags, ("item_id", "tag"), "tags")):
         missing = [] if frame is None else [c for c in cols if c not in frame.columns]
         if missing:
             raise ValueError(f"{what} lacks column(s) {missing}; pass MovieLens.{what} from load_movielens()")
-    if items["item_id"].duplicated().any():
-        raise ValueError(f"items has duplicate item_id values (e.g. {items.loc[items['item_id'].duplicated(), 'item_id'].iloc[0]}); "
-                         "each movie must appear once")
-    if isinstance(max_tags, bool) or not isinstance(max_tags, (int, np.integer)) or max_tags < 0:
-        raise ValueError(f"max_tags must be an integer >= 0, got {max_tags!r}")
     top = {} if tags is None or max_tags == 0 or len(tags) == 0 else _top_tags(tags, int(max_tags))
     years = items["year"].tolist() if "year" in items.columns else [None] * len(items)
     texts = []

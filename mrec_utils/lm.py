@@ -69,11 +69,6 @@ class LoadedLM:
     device: torch.device
 
 
-def _need_lm(lm: Any) -> None:
-    if not isinstance(lm, LoadedLM):
-        raise TypeError(f"lm must be a LoadedLM, e.g. lm.load_causal_lm() or lm.load_causal_lm('gpt2'); got {lm!r:.60}.")
-
-
 # ----------------------------------------------------------------------------------------------
 # loading
 # ----------------------------------------------------------------------------------------------
@@ -227,7 +222,6 @@ def generate(lm: LoadedLM, prompt_or_messages: str | Messages | Sequence[str | M
     Raises:
         ValueError: a prompt that does not fit the model's context with ``max_new_tokens``.
     """
-    _need_lm(lm)
     single = isinstance(prompt_or_messages, str) or _is_messages(prompt_or_messages)
     items = [prompt_or_messages] if single else list(prompt_or_messages)
     tok, model = lm.tokenizer, lm.model
@@ -349,7 +343,7 @@ def embed_texts(
         ``float64`` array ``[n, hidden]`` in the order of ``texts``; ``[0, hidden]`` for no texts.
 
     Raises:
-        TypeError: ``texts`` is a single string or holds a non-string.
+        TypeError: ``texts`` is a single string.
         ValueError: a bad ``pooling`` or ``layers``, or a text with no tokens (e.g. ``""``).
     """
     texts = _text_list(texts)
@@ -363,7 +357,6 @@ def embed_texts(
             return served
     loaded_here = lm is None
     lm = load_causal_lm() if lm is None else lm
-    _need_lm(lm)
     model = lm.model
     n_blocks = len(_blocks(model)[2]) if layers is not None else None
     if layers is not None and not (isinstance(layers, int) and 1 <= layers <= n_blocks):
@@ -394,11 +387,7 @@ def embed_texts(
 def _text_list(texts: Sequence[str]) -> list[str]:
     if isinstance(texts, (str, bytes)):
         raise TypeError("texts must be a sequence of strings; wrap a single string in a list: [text].")
-    texts = list(texts)
-    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
-    if bad is not None:
-        raise TypeError(f"texts[{bad}] is a {type(texts[bad]).__name__}, not a str; convert or drop it first.")
-    return texts
+    return list(texts)
 
 
 def _embed_new(lm: LoadedLM, todo: dict[bytes, str], pooling: str, batch_size: int, max_len: int,
