@@ -112,11 +112,6 @@ class Conversation:
     turns: list[tuple[str, str]] = field(default_factory=list)
     statement_sum: Tensor | None = field(default=None, repr=False)  # sum of the statements' unit embeddings
 
-    @classmethod
-    def for_user(cls, rec: ConvRecommender, rated_item_ids: Sequence[int] = ()) -> "Conversation":
-        """A fresh session that never suggests the films in ``rated_item_ids``."""
-        return cls(rated=set(rec.rows_of(rated_item_ids)))
-
 
 @dataclass
 class Reply:

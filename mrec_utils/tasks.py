@@ -62,15 +62,10 @@ def _need(ok: bool, message: str, error: type[Exception] = ValueError) -> None:
 
 @dataclass
 class TaskBatch:
-    """``T`` padded tasks with ``S`` support and ``Q`` query slots each (the one batch type of the book).
-
-    Attributes:
-        x_support: ``[T, S, ...]`` tensor, or a tuple of such tensors (passed as ``model(*x)``).
-        y_support: ``[T, S]`` targets (ratings, 0/1 labels).
-        x_query, y_query: the same for the query set, ``[T, Q, ...]`` and ``[T, Q]``.
-        mask_support, mask_query: ``[T, S]`` / ``[T, Q]`` bool, True for a real example; ``None``
-            (all real) becomes a tensor of ones.
-    """
+    """``T`` padded tasks with ``S`` support and ``Q`` query slots each (the one batch type of the book):
+    inputs ``x_support [T, S, ...]`` (or a tuple of such tensors, passed as ``model(*x)``), targets
+    ``y_support [T, S]``, the same ``[T, Q, ...]`` / ``[T, Q]`` for the query, and bool masks ``[T, S]`` /
+    ``[T, Q]``, True for a real example (``None``: all real)."""
 
     x_support: Inputs
     y_support: Tensor
@@ -131,17 +126,10 @@ class SplitSettings:
 
 @dataclass(frozen=True, repr=False)
 class Split:
-    """A leakage-free split of a ratings frame for one scenario (module docstring).
-
-    Attributes:
-        scenario: one of :data:`SCENARIOS`.
-        train: interactions meta-training may use (the input's columns).
-        val, test: the evaluation users' candidate interactions plus bool ``can_support``, ``can_query``.
-        val_users, test_users: sorted int64 arrays of evaluation user ids, disjoint.
-        new_items: sorted int64 array of new item ids (empty outside the item scenarios).
-        cutoff: the item cutoff (a value of the input's timestamp column) or None.
-        params: the settings that produced the split (``dataclasses.asdict(SplitSettings)``).
-    """
+    """A leakage-free split for one scenario (module docstring): ``train`` (what meta-training may use),
+    ``val`` / ``test`` (evaluation users' candidates with bool ``can_support``, ``can_query``), sorted
+    int64 ``val_users``, ``test_users`` (disjoint) and ``new_items`` (item scenarios), the item
+    ``cutoff`` (a timestamp value, or None) and the settings as ``params``."""
 
     scenario: str
     train: pd.DataFrame
@@ -263,19 +251,9 @@ def _draw_users(eligible: np.ndarray, scenario: str, s: SplitSettings) -> tuple[
 
 
 def make_split(ratings: pd.DataFrame, scenario: str, *, seed: int = 0, **settings) -> Split:
-    """Split ``ratings`` for a cold-start ``scenario`` (module docstring); seeded, leakage-free.
-
-    Args:
-        ratings: user_id, item_id, rating, timestamp; one row per (user, item).
-        scenario: "user-cold", "item-cold", "user+item-cold" or "temporal".
-        seed: seeds the choice of evaluation users.
-        settings: any other field of :class:`SplitSettings`: ``test_frac``, ``val_frac`` (fractions
-            of the eligible users), ``item_cutoff_quantile``, ``min_ratings``, ``max_ratings`` (None:
-            no upper bound), ``cold_support`` ("new"/"old"), ``temporal_query_size``.
-
-    Raises:
-        ValueError: unknown scenario, bad settings, or a filter that leaves no evaluation user
-            (the message names the filter).
+    """Split ``ratings`` (one row per user and item) for a cold-start ``scenario`` (module docstring);
+    ``seed`` draws the evaluation users, ``settings`` are the other fields of :class:`SplitSettings`.
+    ValueError: unknown scenario, bad fractions, or a filter that leaves no evaluation user (named).
     """
     _need(scenario in SCENARIOS, f"unknown scenario {scenario!r}; valid scenarios are: {', '.join(SCENARIOS)}")
     s = SplitSettings(seed=seed, **settings)
@@ -311,11 +289,8 @@ def make_split(ratings: pd.DataFrame, scenario: str, *, seed: int = 0, **setting
 
 
 def scenario_counts(split: Split) -> pd.DataFrame:
-    """Users, items, interactions, new items and query candidates per part of a split (chapter 2).
-
-    Returns:
-        DataFrame indexed by part ("train", "val", "test"); ``.attrs`` holds scenario and cutoff.
-    """
+    """Users, items, interactions, new items and query candidates per part ("train", "val", "test")
+    of a split (chapter 2); ``.attrs`` holds scenario and cutoff."""
     rows = {}
     for name in ("train", "val", "test"):
         f = getattr(split, name)
@@ -492,24 +467,15 @@ def _episode_frame(source: Split | pd.DataFrame, users, query_pool) -> tuple[pd.
 def make_episodes(source: Split | pd.DataFrame, users: str | Sequence[int] | np.ndarray | None = None, *, seed: int = 0,
                   order: str = "random", on_short: str = "raise", query_pool: Sequence[int] | np.ndarray | None = None,
                   preset: str | EpisodePreset | None = None, **sizes: int | None) -> list[Episode]:
-    """One support/query episode per user, seeded per user.
+    """One support/query episode per user, drawn with a generator seeded by (seed, user_id).
 
-    Args:
-        source: a :class:`Split` (episodes of its evaluation users, respecting ``can_support`` /
-            ``can_query``) or a ratings DataFrame (e.g. ``split.train``; without those columns every
-            row may be support or query).
-        users: user ids (episodes come back in this order); with a Split also "train", "val" or
-            "test"; with a DataFrame None means every user in it.
-        seed: a user's episode is drawn with a generator seeded by (seed, user_id), so it does not
-            depend on which other users are requested.
-        order: "random", or "time": support before query. With k given, the query starts at the
-            earliest query candidate with k support candidates before it and the support is the k
-            latest of those; with ``k_support=None`` the query is the latest n and the support all before.
-        on_short: "raise" (:class:`NotEnoughRatingsError`) or "skip" users that cannot supply the sizes.
-        query_pool: DataFrame source only: item ids that may be queried; other items become support-only.
-        preset: "melu" / :data:`MELU_PRESET` (``min_ratings`` / ``max_ratings`` may still be given).
-        sizes: ``k_support`` and ``n_query`` (int, or None for "all that remain"), optionally
-            ``min_ratings`` / ``max_ratings``: skip users whose candidate count lies outside.
+    ``source``: a :class:`Split` (its evaluation users, with ``can_support`` / ``can_query``; ``users``
+    may be "train", "val" or "test") or a ratings DataFrame (``users=None``: all; ``query_pool``: the
+    item ids that may be queried). Sizes: ``preset`` ("melu") or ``k_support`` and ``n_query`` (None:
+    all that remain), optionally ``min_ratings`` / ``max_ratings``. ``order="time"``: support before
+    query (with k given, the query starts at the first candidate with k support candidates before it,
+    the support the k latest of those; with ``k_support=None`` the query is the latest n). Users short
+    of ratings raise :class:`NotEnoughRatingsError`, or are skipped with ``on_short="skip"``.
     """
     p = _sizes(preset, sizes)
     _need(order in ("random", "time"), f"order must be 'random' or 'time', got {order!r}")
@@ -583,13 +549,11 @@ class ItemIndex:
 
 def collate_episodes(episodes: Sequence[Episode], *, item_index: ItemIndex | None = None,
                      featurize: Callable[[Tensor], Tensor] | None = None, device: torch.device | str | None = None) -> TaskBatch:
-    """Pad episodes into one :class:`TaskBatch`: ``x`` = items, ``y`` = ratings.
+    """Pad episodes into one :class:`TaskBatch`; S and Q are the largest support and query sizes.
 
-    ``x_support [T, S]`` holds item indices (``item_index.encode``; padded with its ``pad_index``)
-    or, without an index, raw item ids padded with -1 (an unmasked lookup then fails loudly). With
-    ``featurize`` (item index tensor ``[m]`` -> features ``[m, ...]``, called on real items only),
-    ``x`` holds the features, zero at padded slots. ``y`` has torch's default dtype, 0 at padding.
-    S and Q are the largest support and query sizes in the batch.
+    ``x [T, S]``: item indices (``item_index.encode``, padded with its ``pad_index``) or raw ids padded
+    with -1; with ``featurize`` (indices ``[m]`` -> ``[m, ...]``, real items only) the features, zero
+    at padding. ``y``: ratings in torch's default dtype, 0 at padding.
     """
     dev = torch.device("cpu") if device is None else torch.device(device)
     pad = -1 if item_index is None else item_index.pad_index
@@ -795,18 +759,14 @@ def visible_tags(split: Split, tags: pd.DataFrame) -> pd.DataFrame:
 
 def check_no_leakage(split: Split, episodes: Sequence[Episode] | None = None,
                      tags: pd.DataFrame | None = None) -> LeakageReport:
-    """Re-check a split (and optionally its evaluation episodes) for leakage, from scratch.
+    """Re-check a split (and its evaluation episodes, tags) for leakage from scratch; a :class:`LeakageReport`.
 
     Split: val and test users disjoint; no query candidate in ``train``; user-cold and
     user+item-cold: no evaluation user in ``train``; item scenarios: no new item in ``train``,
     queries only on new items, no new item rated at or before the cutoff; temporal: per evaluation
-    user, every support-pool and training time <= every query-pool time.
-    Episodes: no item in both support and query (or twice in one set), no query interaction in
-    ``train``, and the scenario's rules per episode. Tags (the item text's user-written part): none
-    that :func:`visible_tags` would drop.
-
-    Returns:
-        a :class:`LeakageReport`; ``.raise_if_bad()`` turns problems into a :class:`LeakageError`.
+    user, every support-pool and training time <= every query-pool time. Episodes: no item in both
+    sets (or twice in one), no query in ``train``, the scenario's rules. Tags: none that
+    :func:`visible_tags` would drop.
     """
     rep = LeakageReport(scenario=split.scenario)
     _check_split(split, rep)
