@@ -39,18 +39,11 @@ VAL_K = 10  # validation cutoff: full-catalogue nDCG@10
 
 @dataclass(frozen=True)
 class ItemGPTSettings:
-    """Chapter 7's settings in one place (chapter 8 and the benchmark import them).
-
-    Attributes:
-        min_count: a film is a token when the training users rated it at least this often.
-        max_len, n_embd, n_layer, n_head, dropout: the GPT (context in films, width, blocks,
-            attention heads, dropout of embeddings, residual branches and attention weights).
-        warm_window: co-occurrence window of the warm start (:func:`cooccurrence_embeddings`).
-        epochs, batch_size, lr: AdamW (no weight decay) for at most ``epochs`` epochs.
-        patience: stop after this many epochs without validation progress (when validation users are given).
-        n_last: evaluation cases per held-out user (each of their last ``n_last`` films).
-        cooc_windows, cooc_lasts: the co-occurrence grid tuned on validation users (:func:`tune_cooccurrence`).
-    """
+    """Chapter 7's settings in one place (chapter 8 and the benchmark import them): the vocabulary
+    (films rated ``min_count`` times by training users), the GPT (context ``max_len`` films, width,
+    blocks, heads, dropout), the warm start's co-occurrence window, AdamW without weight decay for at
+    most ``epochs`` epochs with early stopping after ``patience``, the evaluation cases per held-out
+    user (``n_last``) and the co-occurrence grid of :func:`tune_cooccurrence`."""
 
     min_count: int = 5
     max_len: int = 50

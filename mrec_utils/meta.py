@@ -427,10 +427,8 @@ def matching_logits(emb_support: Tensor, y_support: Tensor, emb_query: Tensor, m
     ``P(c | q) = sum_i a(q, s_i) [y_i = c]`` with ``a = softmax_i(cos(q, s_i) / temperature)`` over the
     task's real support examples (temperature 1 is the paper's kernel). A class without support
     example gets one pseudo example at ``fallback_embeddings[c]`` (default the zero vector, cosine 0),
-    so every log-probability stays finite. Arguments as in :func:`prototypical_logits`.
-
-    Returns:
-        ``[..., Q, C]`` log-probabilities; use them directly as logits in a cross-entropy loss.
+    so every log-probability stays finite. Arguments as in :func:`prototypical_logits`; the
+    ``[..., Q, C]`` log-probabilities serve directly as logits in a cross-entropy loss.
     """
     emb_s, onehot = _class_onehot(emb_support, y_support, mask_support, n_classes)
     s_n, q_n = F.normalize(emb_s, dim=-1, eps=eps), F.normalize(emb_query, dim=-1, eps=eps)
