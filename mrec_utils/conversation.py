@@ -401,9 +401,7 @@ def respond(rec: ConvRecommender, session: Conversation, user_turn: str, *, with
     also a statement). Anything else is a taste statement (averaged with earlier ones). Over
     :data:`MAX_CHARS` characters: truncated, and the reply says so; mostly non-Latin script: the reply
     says the model works best in English. ``with_reason=False`` skips the model's reason (template).
-
-    Raises:
-        TypeError: ``user_turn`` is not a str (e.g. None from a broken input widget).
+    TypeError when ``user_turn`` is not a str (e.g. None from a broken input widget).
     """
     if not isinstance(user_turn, str):
         raise TypeError(f"user_turn must be a str, got {type(user_turn).__name__}.")

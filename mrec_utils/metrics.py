@@ -254,12 +254,9 @@ def _units(x: ArrayLike, name: str, n_boot: int, alpha: float) -> np.ndarray:
 
 
 def _boot_means(values: np.ndarray, n_boot: int, seed: int, clusters: np.ndarray | None = None) -> np.ndarray:
-    """Means of ``n_boot`` resamples of ``values [n]``, in chunks of bounded size.
-
-    Without ``clusters`` the values are resampled with replacement. With ``clusters [n]`` (e.g. the user
-    of each (seed, user) value) whole clusters are resampled and the mean is taken over all values of
-    the drawn clusters: values of one user are not independent, and resampling them one by one would
-    give an interval that is too narrow.
+    """Means of ``n_boot`` resamples (with replacement) of ``values [n]``, in chunks of bounded size.
+    With ``clusters [n]`` (e.g. the user of each (seed, user) value) whole clusters are resampled: one
+    user's values are not independent, and resampling them one by one gives too narrow an interval.
     """
     rng = np.random.default_rng(seed)
     if clusters is None:

@@ -93,14 +93,8 @@ State = nn.Module | Mapping[str, Tensor]
 
 @dataclass
 class EarlyStopping:
-    """Stop when a monitored value has not improved for ``patience`` steps, and keep the best state.
-
-    Args:
-        patience: consecutive non-improving steps tolerated (>= 1); None: never stop, only keep the best.
-        min_delta: an improvement must beat the best value by more than this (default :data:`TIE_TOL`).
-        mode: ``"min"`` (a loss, MAE) or ``"max"`` (AUC, nDCG).
-        keep_best_state: keep a copy of the state passed to :meth:`step` at the best step, for :meth:`restore`.
-
+    """Stop when a monitored value has not beaten the best by more than ``min_delta`` for ``patience``
+    steps (None: never stop), ``mode`` "min" (a loss) or "max" (nDCG), and keep a copy of the best state.
     Usage: ``if stopper.step(val_loss, model): break`` in the loop, ``stopper.restore(model)`` after it.
     """
 
