@@ -112,11 +112,6 @@ class Conversation:
     turns: list[tuple[str, str]] = field(default_factory=list)
     statement_sum: Tensor | None = field(default=None, repr=False)  # sum of the statements' unit embeddings
 
-    @classmethod
-    def for_user(cls, rec: ConvRecommender, rated_item_ids: Sequence[int] = ()) -> "Conversation":
-        """A fresh session that never suggests the films in ``rated_item_ids``."""
-        return cls(rated=set(rec.rows_of(rated_item_ids)))
-
 
 @dataclass
 class Reply:
@@ -406,9 +401,7 @@ def respond(rec: ConvRecommender, session: Conversation, user_turn: str, *, with
     also a statement). Anything else is a taste statement (averaged with earlier ones). Over
     :data:`MAX_CHARS` characters: truncated, and the reply says so; mostly non-Latin script: the reply
     says the model works best in English. ``with_reason=False`` skips the model's reason (template).
-
-    Raises:
-        TypeError: ``user_turn`` is not a str (e.g. None from a broken input widget).
+    TypeError when ``user_turn`` is not a str (e.g. None from a broken input widget).
     """
     if not isinstance(user_turn, str):
         raise TypeError(f"user_turn must be a str, got {type(user_turn).__name__}.")

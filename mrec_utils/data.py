@@ -514,19 +514,12 @@ def _frames(release: Release, raw: dict[str, bytes], where: str) -> MovieLens:
 
 def load_movielens(name: str = DEFAULT_RELEASE, data_dir: str | os.PathLike | None = None, *,
                    download: bool = True, progress: bool = True) -> MovieLens:
-    """Load a MovieLens release as tidy DataFrames (schema in the module docstring).
+    """Load a MovieLens release (a key of :data:`RELEASES`) as tidy DataFrames (module docstring).
 
-    Args:
-        name: a key of :data:`RELEASES` (:func:`available_releases`); default ``"ml-latest-small"``.
-        data_dir: folder with ``<name>.zip`` or the extracted ``<name>/``; searched before
-            ``$MREC_DATA_DIR`` and the user cache.
-        download: fetch the official archive into the user cache when no local copy exists.
-        progress: show a progress bar for large downloads.
-
-    Raises:
-        ValueError: unknown ``name`` (the message lists the valid names). DataNotFoundError: no copy
-        and no download (the message says the URL, the file name and where to put it), or a missing
-        file. ChecksumError, MalformedFileError, CorruptArchiveError: damaged data.
+    ``data_dir`` (a folder with ``<name>.zip`` or ``<name>/``) is searched before ``$MREC_DATA_DIR``
+    and the user cache; without a copy, ``download`` fetches the official archive into the cache.
+    Raises ValueError (unknown name), DataNotFoundError (no copy: says the URL and where to put
+    it), ChecksumError, MalformedFileError or CorruptArchiveError (damaged data).
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be a release name (str), got {type(name).__name__}; valid names: "
@@ -567,31 +560,17 @@ def _top_tags(tags: pd.DataFrame, max_tags: int) -> dict[int, list[str]]:
 
 
 def item_text(items: pd.DataFrame, tags: pd.DataFrame | None = None, max_tags: int = 3) -> pd.Series:
-    """One line of text per movie for language models: title, year, genres, top tags.
-
+    """One line of text per movie (str Series indexed by ``item_id``, in the order of ``items``), e.g.
     ``"Toy Story (1995). Genres: Adventure, Animation, Children, Comedy, Fantasy. Tags: pixar, fun."``
-    Parts without data are left out. Tags are lower-cased and whitespace-normalised, counted once per
-    user (per row without ``user_id``); the ``max_tags`` most frequent are kept, ties alphabetical.
 
-    Args:
-        items: ``item_id``, ``title``, ``genres`` (lists) and optionally ``year`` (:attr:`MovieLens.items`).
-        tags: optional ``item_id``, ``tag`` and optionally ``user_id`` (:attr:`MovieLens.tags`).
-        max_tags: tags per movie (>= 0).
-
-    Returns:
-        Series of str indexed by ``item_id``, in the order of ``items``.
+    ``items``, ``tags``: :attr:`MovieLens.items` and :attr:`MovieLens.tags` (or frames with their
+    columns). Parts without data are left out. Tags are lower-cased, whitespace-normalised and
+    counted once per user; the ``max_tags`` most frequent are kept, ties alphabetical.
     """
-    if not isinstance(items, pd.DataFrame) or (tags is not None and not isinstance(tags, pd.DataFrame)):
-        raise TypeError("items (and tags) must be pandas DataFrames: MovieLens.items and MovieLens.tags")
     for frame, cols, what in ((items, ("item_id", "title", "genres"), "items"), (tags, ("item_id", "tag"), "tags")):
         missing = [] if frame is None else [c for c in cols if c not in frame.columns]
         if missing:
             raise ValueError(f"{what} lacks column(s) {missing}; pass MovieLens.{what} from load_movielens()")
-    if items["item_id"].duplicated().any():
-        raise ValueError(f"items has duplicate item_id values (e.g. {items.loc[items['item_id'].duplicated(), 'item_id'].iloc[0]}); "
-                         "each movie must appear once")
-    if isinstance(max_tags, bool) or not isinstance(max_tags, (int, np.integer)) or max_tags < 0:
-        raise ValueError(f"max_tags must be an integer >= 0, got {max_tags!r}")
     top = {} if tags is None or max_tags == 0 or len(tags) == 0 else _top_tags(tags, int(max_tags))
     years = items["year"].tolist() if "year" in items.columns else [None] * len(items)
     texts = []

@@ -39,18 +39,11 @@ VAL_K = 10  # validation cutoff: full-catalogue nDCG@10
 
 @dataclass(frozen=True)
 class ItemGPTSettings:
-    """Chapter 7's settings in one place (chapter 8 and the benchmark import them).
-
-    Attributes:
-        min_count: a film is a token when the training users rated it at least this often.
-        max_len, n_embd, n_layer, n_head, dropout: the GPT (context in films, width, blocks,
-            attention heads, dropout of embeddings, residual branches and attention weights).
-        warm_window: co-occurrence window of the warm start (:func:`cooccurrence_embeddings`).
-        epochs, batch_size, lr: AdamW (no weight decay) for at most ``epochs`` epochs.
-        patience: stop after this many epochs without validation progress (when validation users are given).
-        n_last: evaluation cases per held-out user (each of their last ``n_last`` films).
-        cooc_windows, cooc_lasts: the co-occurrence grid tuned on validation users (:func:`tune_cooccurrence`).
-    """
+    """Chapter 7's settings in one place (chapter 8 and the benchmark import them): the vocabulary
+    (films rated ``min_count`` times by training users), the GPT (context ``max_len`` films, width,
+    blocks, heads, dropout), the warm start's co-occurrence window, AdamW without weight decay for at
+    most ``epochs`` epochs with early stopping after ``patience``, the evaluation cases per held-out
+    user (``n_last``) and the co-occurrence grid of :func:`tune_cooccurrence`."""
 
     min_count: int = 5
     max_len: int = 50
@@ -75,22 +68,13 @@ class ItemGPTSettings:
 
 def make_item_gpt(n_items: int, settings: ItemGPTSettings = ItemGPTSettings(), seed: int = 0,
                   item_vectors: np.ndarray | None = None) -> GPT2LMHeadModel:
-    """A small GPT-2 (``transformers.GPT2LMHeadModel``) whose tokens are films.
+    """A small GPT-2 (``transformers.GPT2LMHeadModel``, on the CPU) with ``n_items + 1`` tokens.
 
-    Vocabulary: ``n_items + 1`` tokens (0 = padding, film index i = token i + 1). The output layer
-    shares its weights with the token embeddings (GPT-2's weight tying), so every film has one
-    vector used both to read it and to score it.
-
-    Args:
-        n_items: catalogue size.
-        settings: the size fields (``max_len``, ``n_embd``, ``n_layer``, ``n_head``, ``dropout``).
-        seed: seeds the initial weights (the global torch RNG is left as it was).
-        item_vectors: optional [n_items, n_embd] initial film embeddings (e.g. from
-            :func:`cooccurrence_embeddings`), centred and rescaled to GPT-2's initial standard
-            deviation (``initializer_range`` = 0.02); ``None`` keeps the random initialisation.
-
-    Returns:
-        the model on the CPU (move it with ``.to(device)``).
+    The output layer shares its weights with the token embeddings (GPT-2's weight tying), so every
+    film has one vector used both to read it and to score it. ``seed`` seeds the initial weights
+    (the global torch RNG is left as it was); ``item_vectors`` ([n_items, n_embd], e.g. from
+    :func:`cooccurrence_embeddings`) replace the film embeddings, centred and rescaled to GPT-2's
+    initial standard deviation (``initializer_range`` = 0.02).
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -112,12 +96,8 @@ def make_item_gpt(n_items: int, settings: ItemGPTSettings = ItemGPTSettings(), s
 
 
 def pad_batch(sequences: Sequence[np.ndarray], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad film-index sequences into GPT tokens, keeping the last ``max_len`` films of each.
-
-    Returns:
-        ``(tokens, mask)``: int64 [n, L] with film index + 1 (0 = padding) and bool [n, L]
-        (True on real films), where ``L = min(max_len, longest sequence)``.
-    """
+    """Right-pad the last ``max_len`` films of each sequence into ``(tokens, mask)``: int64 [n, L]
+    (film index + 1, 0 = padding) and bool [n, L], ``L = min(max_len, longest sequence)``."""
     tail = [np.asarray(s, dtype=np.int64)[-max_len:] for s in sequences]
     width = max(1, max(len(s) for s in tail))
     tokens = np.full((len(tail), width), PAD_TOKEN, dtype=np.int64)
@@ -129,17 +109,8 @@ def pad_batch(sequences: Sequence[np.ndarray], max_len: int) -> tuple[torch.Tens
 
 
 def next_item_loss(model: GPT2LMHeadModel, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting each film from the films before it (one batch).
-
-    Position t's output is compared with the token at t + 1 (the labels are the inputs shifted by
-    one); targets that are padding get the label -100 and are ignored.
-
-    Args:
-        tokens: int64 [B, L] from :func:`pad_batch` (on the model's device); mask: bool [B, L].
-
-    Returns:
-        scalar tensor (nats per predicted film).
-    """
+    """Mean cross-entropy (nats per predicted film) of predicting each token of ``tokens [B, L]``
+    (:func:`pad_batch`) from the ones before it: labels are the inputs shifted by one, padding -100."""
     logits = model(input_ids=tokens, attention_mask=mask.long()).logits  # [B, L, V]
     labels = tokens[:, 1:].masked_fill(~mask[:, 1:], IGNORE_INDEX)  # [B, L-1]
     return torch.nn.functional.cross_entropy(
@@ -173,15 +144,9 @@ def train_epoch(model: GPT2LMHeadModel, opt: torch.optim.Optimizer, windows: lis
 
 @dataclass
 class GPTTrainLog:
-    """What :func:`train_item_gpt` did.
-
-    Attributes:
-        losses: mean training cross-entropy per epoch (nats per predicted film; mean over an ensemble).
-        val_ndcg: validation full-catalogue nDCG@10 per epoch (empty without validation data).
-        best_epoch: 1-based epoch whose weights the model holds at the end (the last without validation data).
-        seconds: wall-clock training time.
-        n_windows, n_targets: training windows and predicted films per epoch.
-    """
+    """What :func:`train_item_gpt` did: mean training cross-entropy per epoch (nats per predicted
+    film, mean over an ensemble), validation full-catalogue nDCG@10 per epoch (if any), the 1-based
+    epoch whose weights are kept, wall-clock seconds, training windows and predicted films per epoch."""
 
     losses: list[float] = field(default_factory=list)
     val_ndcg: list[float] = field(default_factory=list)
@@ -199,22 +164,14 @@ def train_item_gpt(
     val: tuple[list[np.ndarray], np.ndarray] | None = None,
     progress: bool = True,
 ) -> GPTTrainLog:
-    """Train an item-GPT (or an ensemble) for next-film prediction: :func:`train_epoch` per epoch,
-    then, with validation users, their full-catalogue nDCG@10 and early stopping.
+    """Train an item-GPT (or an ensemble, in place) on the windows of ``sequences``: :func:`train_epoch`
+    per epoch, then, with ``val = (histories, targets)`` of validation users, their full-catalogue
+    nDCG@10 and early stopping (``settings.patience``).
 
-    Each sequence is cut into windows (:func:`training_windows`). An ensemble (a list of GPTs) is
-    trained in lockstep: each epoch each member makes one pass with its own AdamW state and its own
-    shuffling (member i uses the seed ``seed + i``); validation scores the ensemble as a whole and
-    early stopping restores every member to the ensemble's best epoch. The validation data only
-    decide *which epoch* is kept: the training trajectory is the same with or without ``val``.
-
-    Args:
-        model: from :func:`make_item_gpt`, or a list of them (trained in place, left in eval mode).
-        sequences: the training users' film-index sequences.
-        settings: ``epochs``, ``batch_size``, ``lr`` and ``patience`` (the latter used only with ``val``).
-        seed: seeds the shuffling and the dropout masks (the global torch RNG is restored afterwards).
-        val: optional ``(histories, targets)`` of validation users.
-        progress: show a progress bar over epochs (off with ``MREC_NO_PROGRESS=1``).
+    Ensemble members train in lockstep, each with its own AdamW state and shuffling (seed ``seed + i``);
+    validation scores the ensemble as a whole and every member is restored to its best epoch. ``val``
+    only decides *which epoch* is kept: the trajectory is the same without it. ``seed`` also seeds the
+    dropout masks (the global torch RNG is restored afterwards). Models are left in eval mode.
     """
     from .train import EarlyStopping
     from .train import progress as progress_bar
@@ -250,20 +207,9 @@ def train_item_gpt(
 @torch.no_grad()
 def score_next_items(model: GPT2LMHeadModel | list[GPT2LMHeadModel], histories: Sequence[np.ndarray],
                      batch_size: int = 256) -> np.ndarray:
-    """Next-film scores after each history, over the whole catalogue.
-
-    The model reads the last ``max_len`` films of each history (no gradient step: whatever the
-    history says about the user is used *in context*).
-
-    Args:
-        model: an item-GPT on any device, or a list of them (an ensemble).
-        histories: n film-index sequences, each with at least one film.
-
-    Returns:
-        float64 [n, n_items]: for one model the logit of every film at the position after the last
-        film; for an ensemble the mean log-probability over the members (the ranking of the
-        geometric mean of their next-film distributions).
-    """
+    """Next-film scores after each of n histories (at least one film each; the last ``max_len`` are
+    read, in context, no gradient step): float64 [n, n_items], the logits after the last film, or for
+    an ensemble the members' mean log-probability (the geometric mean of their distributions)."""
     if isinstance(model, (list, tuple)):
         logp = [torch.log_softmax(torch.from_numpy(score_next_items(m, histories, batch_size)), dim=1).numpy()
                 for m in model]
@@ -289,13 +235,8 @@ def score_next_items(model: GPT2LMHeadModel | list[GPT2LMHeadModel], histories: 
 
 @dataclass
 class ItemSequences:
-    """Chronological film histories of a set of users.
-
-    Attributes:
-        users: [n_users] int64 user ids, in the order of ``sequences``.
-        sequences: ``n_users`` int64 arrays of film indices (oldest first).
-        item_ids: [n_items] int64 MovieLens id of each film index (sorted ascending).
-    """
+    """Chronological film histories: ``users [n_users]`` int64, ``sequences`` (one int64 array of film
+    indices per user, oldest first), ``item_ids [n_items]`` the sorted MovieLens id of each index."""
 
     users: np.ndarray
     sequences: list[np.ndarray]
@@ -337,20 +278,13 @@ def build_item_vocab(ratings: pd.DataFrame, min_count: int = 5) -> np.ndarray:
 
 def user_sequences(ratings: pd.DataFrame, item_ids: np.ndarray | None = None,
                    users: Sequence[int] | np.ndarray | None = None, seed: int = 0) -> ItemSequences:
-    """Each user's films in time order, as film indices into the vocabulary ``item_ids``.
+    """Each user's films in time order, as indices into the sorted vocabulary ``item_ids`` (``None``:
+    every film in ``ratings``; other films are dropped), for ``users`` in this order (``None``: all,
+    sorted; a user without any known film gets an empty sequence).
 
-    MovieLens stores many ratings with the same second (a user rating a page of films at once).
-    Ties are broken by a seeded random key, not by film id: ids follow the order in which films
-    entered the catalogue, and a model could otherwise learn the artificial rule "the next id is
-    larger". The result does not depend on the row order of ``ratings``.
-
-    Args:
-        ratings: frame with ``user_id``, ``item_id``, ``timestamp`` (one row per user-film pair).
-        item_ids: the vocabulary, sorted ascending (e.g. :func:`build_item_vocab` of the training
-            users); ratings of other films are dropped. ``None``: every film in ``ratings``.
-        users: keep these users, in this order (``None``: every user, sorted by id). A user
-            without any in-vocabulary rating gets an empty sequence.
-        seed: seeds the tie-breaking.
+    Same-second ratings (a user rating a page of films at once) are ordered by a key seeded with
+    ``seed``, not by film id: ids follow the order films entered the catalogue, and a model could
+    learn "the next id is larger". The row order of ``ratings`` does not matter.
     """
     missing = {"user_id", "item_id", "timestamp"} - set(ratings.columns)
     if missing:
@@ -373,17 +307,11 @@ def user_sequences(ratings: pd.DataFrame, item_ids: np.ndarray | None = None,
 
 def leave_last_out(sequences: ItemSequences | Sequence[np.ndarray], n_last: int = 1,
                    min_history: int = 1) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """Leave-one-out cases per user: predict a film from everything the user rated before it.
+    """Leave-one-out cases: each of a user's last ``n_last`` positions t with at least ``min_history``
+    films before it gives history ``s[:t]`` and target ``s[t]`` (``n_last=1``: the classic protocol).
 
-    With ``n_last=1`` this is the classic protocol: the last film is the target and all earlier
-    films are the history. With ``n_last=m`` each of the last m positions t gives one case
-    (history ``s[:t]``, target ``s[t]``): m times more test events from the same users, still with
-    no future film in any history. A case needs at least ``min_history`` history films.
-
-    Returns:
-        ``(histories, targets, owner)``: list of history arrays, [n_cases] int64 targets, and
-        [n_cases] int64 position of each case's user in ``sequences`` (cases of one user are
-        consecutive, oldest target first).
+    Returns ``(histories, targets, owner)``: history arrays, int64 targets [n_cases] and the position
+    of each case's user in ``sequences`` [n_cases] (a user's cases consecutive, oldest first).
     """
     seqs = _as_list(sequences)
     hist, targets, owner = [], [], []
@@ -396,12 +324,8 @@ def leave_last_out(sequences: ItemSequences | Sequence[np.ndarray], n_last: int 
 
 
 def training_windows(sequences: ItemSequences | Sequence[np.ndarray], max_len: int, min_len: int = 2) -> list[np.ndarray]:
-    """Cut sequences into windows of ``min_len..max_len`` films for next-film training.
-
-    Consecutive windows overlap by one film, so every transition ``s[t] -> s[t+1]`` is a training
-    target exactly once; windows are aligned to the *end* of each sequence, so the most recent
-    transitions get full context and a short remainder (if any) is the oldest part.
-    """
+    """Windows of ``min_len..max_len`` films, aligned to the end of each sequence and overlapping by
+    one film: every transition ``s[t] -> s[t+1]`` is a target once, the most recent with full context."""
     out: list[np.ndarray] = []
     for s in _as_list(sequences):
         end = len(s)
@@ -437,11 +361,7 @@ def popularity_scores(sequences: ItemSequences | Sequence[np.ndarray], n_items: 
 
 
 def cooccurrence_counts(sequences: ItemSequences | Sequence[np.ndarray], n_items: int, window: int = 5) -> np.ndarray:
-    """Film-to-film "follows" counts: ``C[i, j]`` = times film j comes at most ``window`` steps after film i.
-
-    Returns:
-        float32 [n_items, n_items] (dense; fine for a few thousand films).
-    """
+    """``C[i, j]`` = times film j comes at most ``window`` steps after film i: float32 [n_items, n_items]."""
     seqs = _as_list(sequences)
     flat = np.zeros(n_items * n_items, dtype=np.int64)
     for d in range(1, window + 1):
@@ -456,15 +376,8 @@ def cooccurrence_counts(sequences: ItemSequences | Sequence[np.ndarray], n_items
 
 def cooccurrence_scores(counts: np.ndarray, histories: Sequence[np.ndarray], last: int | None = None,
                         popularity: np.ndarray | None = None) -> np.ndarray:
-    """Score every film by the sum of its co-occurrence counts with the films of each history.
-
-    ``score[u, j] = sum over i in the last `last` films of history u of counts[i, j]``, plus
-    ``1e-6 * popularity[j] / max(popularity)`` when ``popularity`` is given (breaks the many ties
-    among films that never followed the history, in favour of popular ones).
-
-    Returns:
-        float64 [n, n_items].
-    """
+    """float64 [n, n_items]: ``score[u, j] = sum of counts[i, j]`` over the last ``last`` films i of
+    history u, plus ``1e-6 * popularity[j] / max(popularity)`` if given (ties go to popular films)."""
     out = np.empty((len(histories), counts.shape[0]), dtype=np.float64)
     for r, h in enumerate(histories):
         h = h if last is None else h[-last:]
@@ -477,16 +390,10 @@ def cooccurrence_scores(counts: np.ndarray, histories: Sequence[np.ndarray], las
 
 def tune_cooccurrence(train_seq: ItemSequences, val_cases: tuple[list[np.ndarray], np.ndarray, np.ndarray],
                       settings: ItemGPTSettings = ItemGPTSettings()) -> tuple[pd.DataFrame, tuple[int, int]]:
-    """Choose the co-occurrence window ``w`` and history length ``m`` on validation users.
-
-    Every pair of ``settings.cooc_windows`` x ``settings.cooc_lasts`` scores the validation cases
-    ``(histories, targets, owner)`` (with the popularity tie-breaker); a pair's value is the
-    full-catalogue nDCG@10 averaged per user, then over users. Ties go to the earlier pair
-    (:func:`mrec_utils.train.pick_best`).
-
-    Returns:
-        ``(grid, (w, m))``: one row per pair (``window w``, ``last m films``, ``val nDCG@10``) and the best pair.
-    """
+    """Choose the co-occurrence window ``w`` and history length ``m`` on validation cases
+    ``(histories, targets, owner)``: each pair of ``settings.cooc_windows`` x ``cooc_lasts`` is scored
+    by full-catalogue nDCG@10 per user, then over users; ties go to the earlier pair. Returns the grid
+    (``window w``, ``last m films``, ``val nDCG@10``) and the best ``(w, m)``."""
     from .train import pick_best
 
     hist, targets, owner = val_cases
@@ -504,16 +411,9 @@ def tune_cooccurrence(train_seq: ItemSequences, val_cases: tuple[list[np.ndarray
 
 
 def cooccurrence_embeddings(counts: np.ndarray, dim: int, seed: int = 0) -> np.ndarray:
-    """Film vectors from a low-rank factorisation of the co-occurrence counts (the GPT's warm start).
-
-    The counts are symmetrised and damped, ``S = log(1 + C + C^T)``, and factorised with a seeded
-    randomised SVD; film i gets ``U[i, :dim] * sqrt(s[:dim])``, so dot products of vectors
-    approximate ``S``: films that often occur near each other get similar vectors. This is the
-    count-based cousin of item2vec / word2vec.
-
-    Returns:
-        float64 [n_items, dim] (``dim < n_items``).
-    """
+    """Film vectors float64 [n_items, dim] for the GPT's warm start: a seeded randomised SVD of
+    ``S = log(1 + C + C^T)``, film i gets ``U[i, :dim] * sqrt(s[:dim])``, so dot products approximate
+    ``S`` (the count-based cousin of item2vec / word2vec)."""
     from sklearn.utils.extmath import randomized_svd
 
     c = np.asarray(counts, dtype=np.float64)
@@ -536,14 +436,8 @@ def history_mask(histories: Sequence[np.ndarray], n_items: int) -> np.ndarray:
 
 def sample_negatives(histories: Sequence[np.ndarray], targets: np.ndarray, n_items: int, n_negatives: int = 100,
                      seed: int = 0) -> np.ndarray:
-    """For each case, ``n_negatives`` distinct random films that are neither in the history nor the target.
-
-    The sampled protocol of SASRec (Kang & McAuley 2018): the target is ranked against these
-    negatives only. Sampling is uniform over the allowed films, seeded per call.
-
-    Returns:
-        int64 [n, n_negatives].
-    """
+    """int64 [n, n_negatives]: per case, distinct films drawn uniformly outside the history and the
+    target (SASRec's sampled protocol, Kang & McAuley 2018), seeded per call."""
     rng = np.random.default_rng(seed)
     out = np.empty((len(histories), n_negatives), dtype=np.int64)
     for r, (h, y) in enumerate(zip(histories, np.asarray(targets, dtype=np.int64))):
@@ -556,21 +450,12 @@ def sample_negatives(histories: Sequence[np.ndarray], targets: np.ndarray, n_ite
 
 def evaluate_next_item(scores: np.ndarray, histories: Sequence[np.ndarray], targets: np.ndarray, k: int = 10,
                        n_negatives: int | None = 100, seed: int = 0) -> dict[str, np.ndarray]:
-    """Leave-one-out metrics per case, full catalogue and (optionally) the sampled protocol.
+    """Leave-one-out metrics per case from ``scores [n, n_items]`` (higher = better).
 
-    Full catalogue: every film is ranked except those in the case's history (they are excluded,
-    not counted as misses); ``HR@k`` is 1 when the target is in the top k and ``nDCG@k`` is
-    ``1 / log2(rank + 1)`` (one relevant film), via :func:`mrec_utils.metrics.topk_metrics`.
-    Sampled: the target is ranked against ``n_negatives`` random films outside the history
-    (:func:`sample_negatives` with ``seed``), tied scores counted halfway
-    (:func:`mrec_utils.metrics.rank_of`); ``None`` skips it.
-
-    Args:
-        scores: [n, n_items] scores of any model (higher = better).
-
-    Returns:
-        dict of float64 [n]: ``full_hr``, ``full_ndcg`` and, with sampling, ``sampled_hr``,
-        ``sampled_ndcg``, ``sampled_rank``.
+    Full catalogue: every film but the history's is ranked; ``HR@k`` and ``nDCG@k = 1 / log2(rank + 1)``
+    (:func:`mrec_utils.metrics.topk_metrics`). Sampled (unless ``n_negatives=None``): the target
+    against :func:`sample_negatives`, ties counted halfway (:func:`mrec_utils.metrics.rank_of`).
+    Returns float64 [n] arrays ``full_hr``, ``full_ndcg`` and ``sampled_hr``, ``sampled_ndcg``, ``sampled_rank``.
     """
     from . import metrics
 

@@ -69,11 +69,6 @@ class LoadedLM:
     device: torch.device
 
 
-def _need_lm(lm: Any) -> None:
-    if not isinstance(lm, LoadedLM):
-        raise TypeError(f"lm must be a LoadedLM, e.g. lm.load_causal_lm() or lm.load_causal_lm('gpt2'); got {lm!r:.60}.")
-
-
 # ----------------------------------------------------------------------------------------------
 # loading
 # ----------------------------------------------------------------------------------------------
@@ -81,20 +76,13 @@ def _need_lm(lm: Any) -> None:
 
 def load_causal_lm(name: str | os.PathLike | None = None, device: str | torch.device | None = None,
                    dtype: torch.dtype | str = torch.float32) -> LoadedLM:
-    """Load a causal LM and its tokenizer; the same :class:`LoadedLM` for the same arguments within a
-    process (``load_causal_lm.cache_clear()`` forgets them).
+    """Load a causal LM and its tokenizer, once per process and arguments (``load_causal_lm.cache_clear()``).
 
-    Args:
-        name: ``None`` for the offline default (:data:`DEFAULT_LM`; de-quantising it takes about
-            15-25 s on a 2-core CPU, once per process); a Hugging Face model id (needs the Hub or the
-            local HF cache); a local model folder; or a path to a ``.gguf`` file.
-        device: ``None`` -> :func:`mrec_utils.train.get_device`.
-        dtype: parameter dtype, e.g. ``torch.float32`` (default) or ``"bfloat16"``.
-
-    Raises:
-        ModelNotAvailableError: the default wheel is missing (the message says how to install it),
-            or a hub id cannot be loaded (not cached locally and no Hub access, or a wrong id).
-        FileNotFoundError: a path-like name that does not exist.
+    ``name``: ``None`` for the offline default (:data:`DEFAULT_LM`; de-quantising it takes 15-25 s on a
+    2-core CPU), a Hugging Face model id (the Hub or the local HF cache), a model folder or a ``.gguf``
+    file. ``device``: ``None`` -> :func:`mrec_utils.train.get_device`; ``dtype`` e.g. ``"bfloat16"``.
+    Raises :class:`ModelNotAvailableError` (saying how to install or reach the model) or
+    ``FileNotFoundError`` (a path that does not exist).
     """
     from .train import get_device
 
@@ -208,26 +196,15 @@ def _quiet_transformers_bars() -> Iterator[None]:
 
 def generate(lm: LoadedLM, prompt_or_messages: str | Messages | Sequence[str | Messages], max_new_tokens: int = 64,
              *, chat: bool | None = None, repetition_penalty: float = 1.0, batch_size: int = 8) -> str | list[str]:
-    """Greedy decoding (deterministic): a continuation of a prompt, or a chat reply.
+    """Greedy (deterministic) continuation of a prompt, or chat reply: the new text, stripped, a ``str``
+    per input (a list for a batch).
 
-    Args:
-        lm: a :class:`LoadedLM`.
-        prompt_or_messages: a string, one conversation (a list of ``{"role", "content"}`` dicts), or
-            a list of those for a batch (left-padded; batched output can in rare cases differ from
-            one-by-one output by floating-point ties).
-        chat: ``None`` applies the tokenizer's chat template to message lists only; ``True`` also
-            wraps a plain string as one user message. Without a chat template, messages become a plain
-            ``"User: ...\\nAssistant:"`` transcript.
-        repetition_penalty: values > 1 discourage repeating tokens (small models loop under greedy decoding).
-        batch_size: prompts per forward pass for batched input.
-
-    Returns:
-        The new text (special tokens removed, stripped): a ``str`` for one input, a ``list[str]`` for a batch.
-
-    Raises:
-        ValueError: a prompt that does not fit the model's context with ``max_new_tokens``.
+    ``prompt_or_messages``: a string, one conversation (``[{"role", "content"}, ...]``) or a list of
+    those (left-padded in batches of ``batch_size``; rarely, floating-point ties make batched output
+    differ). ``chat``: ``None`` applies the chat template to message lists only, ``True`` also to a
+    string; without a template, messages become a ``"User: ...\\nAssistant:"`` transcript.
+    ``repetition_penalty > 1`` discourages loops. ValueError: a prompt too long for the context.
     """
-    _need_lm(lm)
     single = isinstance(prompt_or_messages, str) or _is_messages(prompt_or_messages)
     items = [prompt_or_messages] if single else list(prompt_or_messages)
     tok, model = lm.tokenizer, lm.model
@@ -314,43 +291,23 @@ def embed_texts(
     layers: int | None = None,
     use_cache: bool = True,
 ) -> np.ndarray:
-    """Embed texts with a causal LM's final hidden states, cached on disk per text.
+    """Embed ``n`` texts with a causal LM's final hidden states: float64 ``[n, hidden]``, cached on disk per text.
 
-    Each text is tokenised (with the tokenizer's own special tokens, truncated to 512 tokens), run through the model's backbone in batches of similar length (sorted by length,
-    right-padded, order restored), and pooled:
+    Each text is tokenised (special tokens included, at most 512 tokens), run through the backbone in
+    batches of similar length, and pooled: ``"mean"`` over its real tokens or ``"last"`` (the last real
+    token). ``layers=k`` runs only the first ``k`` blocks, then the final norm (a speed knob for CPUs).
+    ``normalize`` L2-normalises the rows (a dot product is then the cosine).
 
-    - ``"mean"``: the average of the final-layer hidden states over the text's real tokens (mask-weighted);
-    - ``"last"``: the hidden state of the last real token.
+    The store, ``embedding_cache_dir(cache_dir)/<model>-<key>/`` (``key`` hashes :func:`lm_fingerprint`,
+    ``pooling``, the token limit and ``layers``), holds ``shard-*.npz`` files of raw vectors by text
+    hash, written atomically; ``use_cache=False`` neither reads nor writes it. With ``lm=None`` (the
+    offline default) and every text stored, the vectors are read back without loading the model.
 
-    The store lives in ``embedding_cache_dir(cache_dir)/<model>-<key>/`` where ``key`` hashes
-    :func:`lm_fingerprint`, ``pooling``, the token limit and ``layers``; inside, ``shard-*.npz`` files map
-    text hashes to raw (un-normalised) vectors, written atomically. Any text embedded before with the
-    same model and settings is read back instead of recomputed, whatever list it came with.
+    Precision: the forward pass runs in float64 (the model's dtype is restored afterwards), so a
+    vector moves by about 1e-15 across machines, thread counts or batch neighbours, where float32
+    moves it by 1e-7, enough for a model trained on it to end elsewhere (``tests/test_portable.py``).
 
-    Precision: the forward pass runs in float64 whatever the model's own dtype (it is restored
-    afterwards) and the vectors are stored in float64. Then a text's vector does not depend on the
-    machine: other CPU kernels, thread counts or batch neighbours (padding changes the shapes of
-    the matrix products) move it by about 1e-15, where float32 would move it by about 1e-7 -- enough
-    for a model trained on the vectors to end somewhere else (``tests/test_portable.py``).
-
-    Args:
-        texts: ``n`` strings (a list, tuple, pandas Series or 1-D array of str).
-        lm: the model; ``None`` means the offline default (:func:`load_causal_lm`). With ``None``
-            and every text already in the store, the vectors are read back without loading the
-            model (the store keeps the default's fingerprint next to an identity of its file).
-        batch_size: texts per forward pass.
-        normalize: L2-normalise each row (then a dot product is the cosine similarity).
-        progress: show a progress bar over batches (off when ``MREC_NO_PROGRESS=1``).
-        layers: ``None`` uses all transformer blocks; ``k`` runs only the first ``k`` blocks (then the
-            model's final norm) -- the cost falls in proportion, a speed knob for CPUs (part of the cache key).
-        use_cache: ``False`` neither reads nor writes the disk store.
-
-    Returns:
-        ``float64`` array ``[n, hidden]`` in the order of ``texts``; ``[0, hidden]`` for no texts.
-
-    Raises:
-        TypeError: ``texts`` is a single string or holds a non-string.
-        ValueError: a bad ``pooling`` or ``layers``, or a text with no tokens (e.g. ``""``).
+    Raises TypeError for a single string; ValueError for a bad ``pooling`` or ``layers`` or an empty text.
     """
     texts = _text_list(texts)
     if pooling not in ("mean", "last"):
@@ -363,7 +320,6 @@ def embed_texts(
             return served
     loaded_here = lm is None
     lm = load_causal_lm() if lm is None else lm
-    _need_lm(lm)
     model = lm.model
     n_blocks = len(_blocks(model)[2]) if layers is not None else None
     if layers is not None and not (isinstance(layers, int) and 1 <= layers <= n_blocks):
@@ -394,11 +350,7 @@ def embed_texts(
 def _text_list(texts: Sequence[str]) -> list[str]:
     if isinstance(texts, (str, bytes)):
         raise TypeError("texts must be a sequence of strings; wrap a single string in a list: [text].")
-    texts = list(texts)
-    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
-    if bad is not None:
-        raise TypeError(f"texts[{bad}] is a {type(texts[bad]).__name__}, not a str; convert or drop it first.")
-    return texts
+    return list(texts)
 
 
 def _embed_new(lm: LoadedLM, todo: dict[bytes, str], pooling: str, batch_size: int, max_len: int,
@@ -503,13 +455,9 @@ def embedding_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def lm_fingerprint(lm: LoadedLM) -> str:
-    """A hex digest that changes when the model's weights, config, dtype or tokenizer change.
-
-    It hashes the config (minus paths and versions), the model class, every parameter's name,
-    shape and dtype with up to 256 evenly spaced values of each parameter (exact copies, so the
-    digest is the same on CPU and GPU), and the tokenizer's vocabulary. Changing a single weight that
-    falls between the sampled values would go unnoticed; any training run changes the sampled ones.
-    """
+    """A hex digest of the model class, config (minus paths and versions), every parameter's name,
+    shape, dtype and up to 256 evenly spaced values (the same on CPU and GPU), and the tokenizer's
+    vocabulary: any training run changes it (a single weight between the sampled values would not)."""
     h = hashlib.sha256()
     model, tok = lm.model, lm.tokenizer
     cfg = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
@@ -667,16 +615,9 @@ def _serve_default_from_cache(texts: list[str], pooling: str, layers: int | None
 
 
 def ranking_prompt(history_titles: Sequence[str], candidate_titles: Sequence[str], max_history: int = 20) -> Messages:
-    """Chat messages asking an LM to rank numbered candidate movies for a user (zero-shot ranking).
-
-    Args:
-        history_titles: the user's movies, oldest first; only the last ``max_history`` are shown
-            (an empty history gives a cold-start prompt).
-        candidate_titles: ``n`` candidates, shown numbered ``1..n`` in the given order.
-
-    Returns:
-        ``[{"role": "system", ...}, {"role": "user", ...}]``; parse the reply with :func:`parse_ranking`.
-    """
+    """Chat messages (system, user) asking an LM to rank candidates, numbered ``1..n`` in the given
+    order, for a user with these movies (oldest first, the last ``max_history`` shown; none: cold
+    start). Parse the reply with :func:`parse_ranking`."""
     cands = list(candidate_titles)
     example = ", ".join(str(i) for i in ([3, 1, 2] if len(cands) >= 3 else range(len(cands), 0, -1)))
     user = (
@@ -693,12 +634,9 @@ def ranking_prompt(history_titles: Sequence[str], candidate_titles: Sequence[str
 
 
 def explanation_prompt(history_titles: Sequence[str], item_text: str, max_history: int = 10) -> Messages:
-    """Chat messages asking for one sentence explaining a recommendation, grounded in the given facts.
-
-    Args:
-        history_titles: the user's movies, oldest first (the last ``max_history`` are shown).
-        item_text: the recommended movie's text (e.g. ``"Toy Story (1995). Animation, Children, Comedy"``).
-    """
+    """Chat messages asking for one sentence explaining why the movie of ``item_text`` (e.g.
+    ``"Toy Story (1995). Animation, Children, Comedy"``) suits a user with these movies (oldest first,
+    the last ``max_history`` shown), using only the given facts."""
     user = (
         _history_lines(list(history_titles), max_history)
         + f"\nRecommended movie: {item_text.strip()}\n\n"
@@ -733,12 +671,8 @@ def parse_ranking(answer: Any, candidate_titles: Sequence[str]) -> list[int]:
       so is a number opening a line that holds just one more number (``"1. 3"``), or any text when the
       answer names some candidate title (``"1. <a movie that is not a candidate>"``).
 
-    Each candidate counts once (first mention); candidates never mentioned follow in their original
-    order. Malformed answers (``None``, empty, garbage, not a string) give ``[0, 1, ..., n-1]``; this
-    never raises on the answer.
-
-    Returns:
-        ``list[int]``, a permutation of ``range(len(candidate_titles))``.
+    Each candidate counts once (first mention); the rest follow in their original order, so the
+    result is always a permutation of ``range(n)``: malformed answers (``None``, garbage) give the original order.
     """
     cands = list(candidate_titles)
     if isinstance(answer, bytes):

@@ -77,10 +77,6 @@ def _task_loss(model: nn.Module, params: Params, frozen: Params, x: Inputs, y: T
 
 def _adapt(model, params, frozen, x, y, mask, loss_fn, steps: int, inner_lr: Rate, first_order: bool) -> Params:
     """The inner SGD loop on one task with zeroed padding (works under ``vmap``)."""
-    if inner_lr is None:
-        raise ValueError("inner_lr is required: a float > 0, or one tensor per parameter (Meta-SGD).")
-    if isinstance(inner_lr, Mapping) and set(inner_lr) != set(params):
-        raise ValueError(f"Meta-SGD rates must have exactly the keys of params {sorted(params)}, got {sorted(inner_lr)}.")
     grad_fn = grad(lambda p, fz: _task_loss(model, p, fz, x, y, mask, loss_fn))  # d/d params only
     # first order: the inner gradients are constants for the outer loop (computed on detached copies)
     fz_inner = _detach(frozen) if first_order else frozen
@@ -95,14 +91,12 @@ def _adapt(model, params, frozen, x, y, mask, loss_fn, steps: int, inner_lr: Rat
 
 def inner_adapt(model: nn.Module, params: Mapping[str, Tensor], frozen: Mapping[str, Tensor] | None, x_s: Inputs,
                 y_s: Tensor, mask_s: Tensor | None = None, *, loss_fn: LossFn, steps: int, inner_lr: Rate) -> Params:
-    """Adapt ``params`` to one task: ``steps`` full-batch SGD steps on its support set.
+    """Adapt ``params`` to one task: ``steps`` full-batch SGD steps ``theta <- theta - inner_lr * grad L_s``,
+    ``L_s`` the masked mean of ``loss_fn`` over ``x_s [S, ...]`` (tensor or tuple), ``y_s [S, ...]``,
+    ``mask_s [S]`` (None = all real); ``inner_lr`` may be Meta-SGD rates (a dict of tensors, ``⊙``).
 
-    ``theta <- theta - inner_lr * grad L_s(theta)``, ``L_s`` the masked mean of ``loss_fn`` over
-    ``x_s [S, ...]`` (tensor or tuple), ``y_s [S, ...]``, ``mask_s [S]`` (None = all real). With
-    ``inner_lr`` a dict of tensors (Meta-SGD rates, parameter-shaped or 0-dim) the step is
-    ``theta - inner_lr ⊙ grad``. The result is differentiable w.r.t. ``params`` through the inner
-    gradients (second order); :meth:`MAML.adapt` with ``first_order=True`` treats them as constants.
-    Works inside ``torch.func.vmap``; under ``torch.no_grad()`` no graph is kept (evaluation).
+    Differentiable w.r.t. ``params`` through the inner gradients (second order); works inside
+    ``torch.func.vmap``; under ``torch.no_grad()`` no graph is kept (evaluation).
     """
     m = torch.ones(y_s.shape[:1], dtype=torch.bool, device=y_s.device) if mask_s is None else mask_s.bool()
     return _adapt(model, dict(params), dict(frozen or {}), _sanitize(x_s, m), _zero_padded(y_s, m), m,
@@ -117,12 +111,10 @@ def _mean_over_tasks(values: Tensor, task_mask: Tensor) -> Tensor:
 
 def maml_loss(model: nn.Module, params: Mapping[str, Tensor], frozen: Mapping[str, Tensor] | None, batch: TaskBatch,
               *, loss_fn: LossFn, steps: int, inner_lr: Rate, first_order: bool = False) -> Tensor:
-    """The MAML meta-objective of a padded meta-batch, vectorised over tasks with ``vmap``.
-
-    ``J = mean_i L_query_i(inner_adapt(params, support_i))`` over the tasks whose query mask is not
-    empty (Finn et al. sum over tasks; the mean only rescales the outer learning rate).
-    ``torch.autograd.grad(J, ...)`` gives the meta-gradient w.r.t. ``params``, ``frozen`` (ANIL's
-    body) and Meta-SGD rates, whichever require grad. ``first_order=True``: FOMAML.
+    """The MAML meta-objective of a padded meta-batch, vectorised over tasks with ``vmap``:
+    ``J = mean_i L_query_i(inner_adapt(params, support_i))`` over tasks with a query (Finn et al. sum;
+    the mean only rescales the outer learning rate). Differentiable w.r.t. ``params``, ``frozen``
+    (ANIL's body) and Meta-SGD rates; ``first_order=True``: FOMAML.
     """
     params, frozen = dict(params), dict(frozen or {})
 
@@ -158,12 +150,8 @@ def maml_loss_loop(model, params, frozen, batch: TaskBatch, *, loss_fn: LossFn, 
 
 def meta_gradient(model, params, frozen, batch: TaskBatch, *, wrt: Mapping[str, Tensor] | None = None,
                   vectorize: bool = True, **maml_kwargs) -> tuple[Tensor, Params]:
-    """``(J, dJ/d wrt)`` for ``J = maml_loss(model, params, frozen, batch, **maml_kwargs)``.
-
-    ``wrt`` defaults to ``params``; pass ``{**params, **frozen}`` (ANIL's body) or the Meta-SGD rates to
-    get those gradients too (zero where ``J`` does not depend on them). ``vectorize=False`` uses
-    :func:`maml_loss_loop`.
-    """
+    """``(J, dJ/d wrt)`` for ``J = maml_loss(...)``; ``wrt`` defaults to ``params`` (add ``frozen`` or
+    Meta-SGD rates for their gradients, zero where unused). ``vectorize=False``: :func:`maml_loss_loop`."""
     wrt = dict(params if wrt is None else wrt)
     loss = (maml_loss if vectorize else maml_loss_loop)(model, params, frozen, batch, **maml_kwargs)
     grads = torch.autograd.grad(loss, list(wrt.values()), allow_unused=True)
@@ -183,12 +171,10 @@ def meta_step(model, params, frozen, batch: TaskBatch, optimizer: torch.optim.Op
 
 def reptile_step(model, params, frozen, batch: TaskBatch, *, loss_fn: LossFn, steps: int, inner_lr: float,
                  epsilon: float, use_query: bool = True) -> Params:
-    """One batched Reptile update (Nichol et al. 2018, Algorithm 2; serial Reptile is a batch of one).
-
-    ``phi_new = phi + epsilon * mean_i(phi_i - phi)``, ``phi_i`` = ``phi`` after ``steps`` full-batch
-    SGD steps of size ``inner_lr`` on task i: on all of its data (``use_query=True``, the paper's
-    setting: a task is just a loss) or on its support set only. Tasks without data are left out.
-    Returns the new values of ``params`` (detached); :func:`load_params_` writes them into the model.
+    """One batched Reptile update (Nichol et al. 2018, Algorithm 2): the new ``params`` (detached),
+    ``phi + epsilon * mean_i(phi_i - phi)``, ``phi_i`` after ``steps`` SGD steps of size ``inner_lr`` on
+    all of task i's data (``use_query=True``, the paper's setting) or its support only; tasks without
+    data are left out. :func:`load_params_` writes the result into the model.
     """
     b = batch
     if use_query:
@@ -216,36 +202,19 @@ def init_meta_sgd_lrs(params: Mapping[str, Tensor], init: float = 0.01) -> Param
 # ============================================================================ parameters and losses
 
 
-def _last_linear(model: nn.Module) -> str:
-    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not names:
-        raise ValueError("adapt='head' looks for the last nn.Linear of the model and found none; pass the head's "
-                         "parameter-name prefixes instead, e.g. adapt=['out'].")
-    return names[-1]
-
-
 def split_params(model: nn.Module, adapt: AdaptSpec = "all") -> tuple[Params, Params]:
-    """Split ``model``'s parameters into those the inner loop adapts and the rest (``frozen``).
-
-    ``adapt``: ``"all"`` (MAML, Reptile, Meta-SGD); ``"head"``: the last ``nn.Linear`` in
-    ``named_modules()`` order (ANIL); a list of name prefixes (``["head"]`` matches ``head.weight``,
-    ``"2"`` matches ``2.weight`` but not ``20.weight``); or a callable ``name -> bool``.
-
-    Returns:
-        ``(params, frozen)``, both ``{name: nn.Parameter}`` holding the model's own parameters (not
-        copies), so an optimizer over ``model.parameters()`` updates them. "Frozen" means only
-        "not adapted in the inner loop": frozen parameters still get meta-gradients.
+    """``(params, frozen)``: the model's own parameters (not copies) that the inner loop adapts, and
+    the rest (which still get meta-gradients). ``adapt``: ``"all"`` (MAML, Reptile, Meta-SGD),
+    ``"head"`` (the last ``nn.Linear``: ANIL), name prefixes (``["2"]`` matches ``2.weight``, not
+    ``20.weight``) or a callable ``name -> bool``.
     """
     named = dict(model.named_parameters())
     if adapt == "all":
         select = lambda name: True  # noqa: E731
     elif adapt == "head":
-        head = _last_linear(model)
+        head = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
         select = lambda name: name.startswith(head + ".")  # noqa: E731
     elif isinstance(adapt, (list, tuple)):
-        for p in adapt:
-            if not any(n == p or n.startswith(p + ".") for n in named):
-                raise ValueError(f"adapt prefix {p!r} matches no parameter; names are {list(named)}.")
         select = lambda name: any(name == p or name.startswith(p + ".") for p in adapt)  # noqa: E731
     elif callable(adapt):
         select = adapt
@@ -273,11 +242,8 @@ def load_params_(model: nn.Module, params: Mapping[str, Tensor]) -> None:
 
 
 def masked_mean(values: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Mean of ``values [..., N]`` over the last dimension where ``mask`` (bool or 0/1) is set.
-
-    Exactly 0 (not NaN) where the mask has no real entry; masked-out entries never influence the
-    value or the gradient, even if they are inf/NaN.
-    """
+    """Mean of ``values [..., N]`` over the last dimension where ``mask`` (bool or 0/1) is set; 0 where
+    none is; masked-out entries (even inf/NaN) never reach the value or the gradient."""
     if mask is None:
         return values.mean(-1)
     m = mask if mask.dtype == torch.bool else mask != 0
@@ -312,11 +278,8 @@ def cross_entropy_per_example(logits: Tensor, target: Tensor) -> Tensor:
 
 
 class MetaMethod(Protocol):
-    """What :func:`meta_train` needs of a method: one outer update on a meta-batch.
-
-    ``update(model, batch, optimizer, progress)`` changes the meta-parameters in place and returns
-    the outer loss (or None); ``progress = step / n_steps`` in [0, 1) (for annealed step sizes).
-    """
+    """One outer update on a meta-batch, in place; returns the outer loss or None.
+    ``progress = step / n_steps`` in [0, 1) (for annealed step sizes)."""
 
     def update(self, model: nn.Module, batch: TaskBatch, optimizer: torch.optim.Optimizer | None,
                progress: float) -> float | None: ...
@@ -401,21 +364,13 @@ def meta_train(model: nn.Module, method: MetaMethod, sample_batch: Callable[[int
                keep: nn.Module | Mapping[str, Tensor] | None = None) -> MetaLog:
     """The meta-training loop: sample a meta-batch, take one outer step, validate, keep the best.
 
-    Args:
-        model: the network; ``method.update`` changes it (and anything else the optimizer holds).
-        method: :class:`MAML` (MAML, FOMAML, ANIL, Meta-SGD), :class:`Reptile`, or any object with
-            ``update(model, batch, optimizer, progress)`` (:class:`MetaMethod`).
-        sample_batch: ``sample_batch(step) -> TaskBatch``; the caller owns the randomness (a seeded
-            generator, per-epoch episodes, dropout on inputs), so runs are reproducible.
-        n_steps: number of outer steps.
-        optimizer: the outer optimizer (MAML family), e.g. ``Adam(model.parameters(), lr=1e-3)``.
-        validate: ``validate() -> score`` on validation tasks, after every ``every`` steps and after
-            the last; ``stop`` (a :class:`mrec_utils.train.EarlyStopping`: patience, ``mode`` "min"
-            or "max") decides what is better and when to stop. The best state of ``keep`` (default:
-            the model's ``state_dict``; a dict of tensors, e.g. with Meta-SGD rates) is restored at the end.
+    ``method``: :class:`MAML` (MAML, FOMAML, ANIL, Meta-SGD), :class:`Reptile` or any :class:`MetaMethod`.
+    ``sample_batch(step) -> TaskBatch``: the caller owns the randomness, so runs are reproducible.
+    ``optimizer``: the outer optimizer (MAML family). ``validate() -> score`` runs after every
+    ``every`` steps and the last; ``stop`` (:class:`mrec_utils.train.EarlyStopping`, required with it)
+    decides what is better and when to stop; the best state of ``keep`` (default the model; or a dict
+    of tensors, e.g. with Meta-SGD rates) is restored at the end.
     """
-    if validate is not None and stop is None:
-        raise ValueError("with validate=, pass stop=train.EarlyStopping(patience=..., mode='min' or 'max').")
     keep = model if keep is None else keep
     log, start = MetaLog(), time.perf_counter()
     for step in train.progress(range(n_steps), desc=type(method).__name__):
@@ -447,18 +402,13 @@ def _class_onehot(emb_support: Tensor, y_support: Tensor, mask_support: Tensor |
 
 def prototypical_logits(emb_support: Tensor, y_support: Tensor, emb_query: Tensor, mask_support: Tensor | None = None,
                         *, n_classes: int = 2, fallback_prototypes: Tensor | None = None) -> Tensor:
-    """Prototypical-network logits (Snell et al. 2017): ``-||f(x) - c_c||^2``, with ``c_c`` the mean
-    of class c's support embeddings.
+    """Prototypical-network logits ``[..., Q, C]`` (Snell et al. 2017): ``-||f(x) - c_c||^2``, ``c_c`` the
+    mean of class c's support embeddings; never NaN for finite embeddings.
 
-    Args:
-        emb_support: ``[..., S, D]`` (``...``: optional task dimensions); y_support: ``[..., S]``
-            integer labels in ``0..n_classes-1`` (like/dislike: 1/0); emb_query: ``[..., Q, D]``;
-            mask_support: ``[..., S]`` (True = real) or None.
-        fallback_prototypes: ``[C, D]`` (or ``[..., C, D]``) for a class without support example in
-            a task; default the origin. (A ``-inf`` logit would give an infinite loss and NaN gradients.)
-
-    Returns:
-        ``[..., Q, C]`` logits, never NaN for finite embeddings.
+    ``emb_support [..., S, D]`` (``...``: optional task dimensions), ``y_support [..., S]`` labels in
+    ``0..n_classes-1``, ``emb_query [..., Q, D]``, ``mask_support [..., S]`` (True = real) or None.
+    ``fallback_prototypes [C, D]`` (or ``[..., C, D]``, default the origin) stand in for a class
+    without support example (a ``-inf`` logit would give NaN gradients).
     """
     emb_s, onehot = _class_onehot(emb_support, y_support, mask_support, n_classes)
     oh = onehot.to(emb_s.dtype)
@@ -477,10 +427,8 @@ def matching_logits(emb_support: Tensor, y_support: Tensor, emb_query: Tensor, m
     ``P(c | q) = sum_i a(q, s_i) [y_i = c]`` with ``a = softmax_i(cos(q, s_i) / temperature)`` over the
     task's real support examples (temperature 1 is the paper's kernel). A class without support
     example gets one pseudo example at ``fallback_embeddings[c]`` (default the zero vector, cosine 0),
-    so every log-probability stays finite. Arguments as in :func:`prototypical_logits`.
-
-    Returns:
-        ``[..., Q, C]`` log-probabilities; use them directly as logits in a cross-entropy loss.
+    so every log-probability stays finite. Arguments as in :func:`prototypical_logits`; the
+    ``[..., Q, C]`` log-probabilities serve directly as logits in a cross-entropy loss.
     """
     emb_s, onehot = _class_onehot(emb_support, y_support, mask_support, n_classes)
     s_n, q_n = F.normalize(emb_s, dim=-1, eps=eps), F.normalize(emb_query, dim=-1, eps=eps)

@@ -50,10 +50,8 @@ def _pair(y_true: ArrayLike, y_pred: ArrayLike, a: str = "y_true", b: str = "y_p
 
 
 def _check_k(k: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise TypeError(f"k must be an int >= 1, got {k!r}.")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}.")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}.")
     return int(k)
 
 
@@ -97,17 +95,11 @@ def _rank_inputs(y_true, y_score, k, mask):
 
 def ndcg_at_k_batch(y_true: ArrayLike, y_score: ArrayLike, k: int, gain: str = "exponential",
                     ties: str = "stable", mask: ArrayLike | None = None) -> np.ndarray:
-    """Per-row nDCG@k: the DCG of the top ``k`` by ``y_score`` over the DCG of the ideal order.
+    """Per-row nDCG@k ``[n_rows]``: the DCG of the top ``k`` by ``y_score`` over that of the ideal order.
 
-    Args:
-        y_true: ``[n_rows, n_candidates]`` (or ``[n_candidates]``) relevance grades >= 0.
-        y_score: same shape, finite scores, higher ranked first.
-        k: cutoff >= 1 (``k > n_candidates`` uses all). gain: "exponential" or "linear".
-        ties: "stable" or "average" (module docstring).
-        mask: optional bool, same shape, False for padding (removed from ranking and ideal).
-
-    Returns:
-        float64 array ``[n_rows]`` in [0, 1].
+    ``y_true [n_rows, n_candidates]`` (or ``[n_candidates]``) grades >= 0, ``y_score`` the same shape,
+    finite, higher first; ``k >= 1`` (larger than n_candidates: all); ``gain`` and ``ties`` as in the
+    module docstring; ``mask`` False for padding (removed from the ranking and the ideal).
     """
     if gain not in ("exponential", "linear") or ties not in ("stable", "average"):
         raise ValueError(f"gain must be 'exponential' or 'linear' and ties 'stable' or 'average', got {gain!r}, {ties!r}.")
@@ -170,19 +162,12 @@ def rank_of(target_score: float, other_scores: ArrayLike, ties: str = "average")
 
 def topk_metrics(scores: ArrayLike, relevant: ArrayLike, exclude: ArrayLike | None = None, k: int = 10,
                  chunk_size: int = 1024) -> dict[str, np.ndarray]:
-    """HR@k and binary nDCG@k per user, ranking the whole catalogue.
+    """HR@k and binary nDCG@k per user, ranking the whole catalogue: float64 ``[n_users]`` arrays
+    ``hr``, ``ndcg`` (ideal DCG over ``min(n_relevant, k)`` positions) and ``n_relevant``.
 
-    Args:
-        scores: ``[n_users, n_items]`` finite scores.
-        relevant: ``[n_users, n_items]`` bool, the held-out relevant items.
-        exclude: optional ``[n_users, n_items]`` bool, items removed from the ranking (and from the
-            relevant ones), e.g. the user's support items.
-        k: cutoff >= 1. chunk_size: users per chunk (bounds temporary memory).
-
-    Returns:
-        ``{"hr", "ndcg", "n_relevant"}``, float64 arrays ``[n_users]`` (ideal DCG over
-        ``min(n_relevant, k)`` positions). Ties go to the lower item index, as in a stable sort; the
-        top k comes from ``np.partition`` (O(n_items) per user), and only those k are sorted.
+    ``scores``, ``relevant`` and ``exclude`` (items removed from the ranking and the relevant ones,
+    e.g. support items) are ``[n_users, n_items]``; users go in chunks of ``chunk_size``. Ties go to
+    the lower item index; the top k comes from ``np.partition`` (O(n_items) per user), then is sorted.
     """
     s_all, r_all, k = _arr(scores, "scores"), _arr(relevant, "relevant", bool), _check_k(k)
     x_all = None if exclude is None else _arr(exclude, "exclude", bool)
@@ -216,12 +201,8 @@ def topk_metrics(scores: ArrayLike, relevant: ArrayLike, exclude: ArrayLike | No
 
 
 def auc(y_true: ArrayLike, y_score: ArrayLike) -> float:
-    """ROC AUC for 0/1 labels: the Mann-Whitney U statistic with average ranks, i.e. the probability
-    that a random positive scores above a random negative, ties counting 1/2.
-
-    Raises:
-        ValueError: if only one class is present (AUC is undefined).
-    """
+    """ROC AUC for 0/1 labels: the Mann-Whitney U statistic with average ranks, the probability that a
+    random positive scores above a random negative, ties counting 1/2 (ValueError for one class)."""
     from scipy.stats import rankdata
 
     t, s = _pair(y_true, y_score, "y_true", "y_score")
@@ -273,12 +254,9 @@ def _units(x: ArrayLike, name: str, n_boot: int, alpha: float) -> np.ndarray:
 
 
 def _boot_means(values: np.ndarray, n_boot: int, seed: int, clusters: np.ndarray | None = None) -> np.ndarray:
-    """Means of ``n_boot`` resamples of ``values [n]``, in chunks of bounded size.
-
-    Without ``clusters`` the values are resampled with replacement. With ``clusters [n]`` (e.g. the user
-    of each (seed, user) value) whole clusters are resampled and the mean is taken over all values of
-    the drawn clusters: values of one user are not independent, and resampling them one by one would
-    give an interval that is too narrow.
+    """Means of ``n_boot`` resamples (with replacement) of ``values [n]``, in chunks of bounded size.
+    With ``clusters [n]`` (e.g. the user of each (seed, user) value) whole clusters are resampled: one
+    user's values are not independent, and resampling them one by one gives too narrow an interval.
     """
     rng = np.random.default_rng(seed)
     if clusters is None:

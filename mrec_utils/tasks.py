@@ -57,24 +57,15 @@ def _need(ok: bool, message: str, error: type[Exception] = ValueError) -> None:
         raise error(message)
 
 
-def _is_int(v: object, low: int) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= low
-
-
 # ============================================================================ the padded batch
 
 
 @dataclass
 class TaskBatch:
-    """``T`` padded tasks with ``S`` support and ``Q`` query slots each (the one batch type of the book).
-
-    Attributes:
-        x_support: ``[T, S, ...]`` tensor, or a tuple of such tensors (passed as ``model(*x)``).
-        y_support: ``[T, S]`` targets (ratings, 0/1 labels).
-        x_query, y_query: the same for the query set, ``[T, Q, ...]`` and ``[T, Q]``.
-        mask_support, mask_query: ``[T, S]`` / ``[T, Q]`` bool, True for a real example; ``None``
-            (all real) becomes a tensor of ones.
-    """
+    """``T`` padded tasks with ``S`` support and ``Q`` query slots each (the one batch type of the book):
+    inputs ``x_support [T, S, ...]`` (or a tuple of such tensors, passed as ``model(*x)``), targets
+    ``y_support [T, S]``, the same ``[T, Q, ...]`` / ``[T, Q]`` for the query, and bool masks ``[T, S]`` /
+    ``[T, Q]``, True for a real example (``None``: all real)."""
 
     x_support: Inputs
     y_support: Tensor
@@ -125,37 +116,20 @@ class SplitSettings:
     temporal_query_size: int = 10
 
     def __post_init__(self) -> None:
-        _need(_is_int(self.seed, 0), f"seed must be a non-negative int, got {self.seed!r}", TypeError)
-        for name, low in (("test_frac", 0.0), ("val_frac", None), ("item_cutoff_quantile", 0.0)):
-            v = getattr(self, name)
-            _need(isinstance(v, (int, float, np.number)) and (v > low if low is not None else v >= 0) and v < 1,
-                  f"{name} must lie in {'(0, 1)' if low is not None else '[0, 1)'}, got {v!r}")
-        _need(self.test_frac + self.val_frac < 1, "test_frac + val_frac must be < 1 so that some users remain "
-              f"for training, got {self.test_frac} + {self.val_frac}")
         for name in ("test_frac", "val_frac", "item_cutoff_quantile"):
             object.__setattr__(self, name, float(getattr(self, name)))
-        for name in ("min_ratings", "max_ratings", "temporal_query_size"):
-            v = getattr(self, name)
-            _need(_is_int(v, 1) or (name == "max_ratings" and v is None),
-                  f"{name} must be an int >= 1{' or None' if name == 'max_ratings' else ''}, got {v!r}", TypeError)
-        _need(self.max_ratings is None or self.max_ratings >= self.min_ratings,
-              f"max_ratings={self.max_ratings} is smaller than min_ratings={self.min_ratings}")
+        _need(0 < self.test_frac and 0 <= self.val_frac and self.test_frac + self.val_frac < 1
+              and 0 < self.item_cutoff_quantile < 1, "need 0 < test_frac, 0 <= val_frac, test_frac + val_frac < 1 "
+              f"and 0 < item_cutoff_quantile < 1; got {self.test_frac}, {self.val_frac}, {self.item_cutoff_quantile}")
         _need(self.cold_support in ("new", "old"), f"cold_support must be 'new' or 'old', got {self.cold_support!r}")
 
 
 @dataclass(frozen=True, repr=False)
 class Split:
-    """A leakage-free split of a ratings frame for one scenario (module docstring).
-
-    Attributes:
-        scenario: one of :data:`SCENARIOS`.
-        train: interactions meta-training may use (the input's columns).
-        val, test: the evaluation users' candidate interactions plus bool ``can_support``, ``can_query``.
-        val_users, test_users: sorted int64 arrays of evaluation user ids, disjoint.
-        new_items: sorted int64 array of new item ids (empty outside the item scenarios).
-        cutoff: the item cutoff (a value of the input's timestamp column) or None.
-        params: the settings that produced the split (``dataclasses.asdict(SplitSettings)``).
-    """
+    """A leakage-free split for one scenario (module docstring): ``train`` (what meta-training may use),
+    ``val`` / ``test`` (evaluation users' candidates with bool ``can_support``, ``can_query``), sorted
+    int64 ``val_users``, ``test_users`` (disjoint) and ``new_items`` (item scenarios), the item
+    ``cutoff`` (a timestamp value, or None) and the settings as ``params``."""
 
     scenario: str
     train: pd.DataFrame
@@ -277,19 +251,9 @@ def _draw_users(eligible: np.ndarray, scenario: str, s: SplitSettings) -> tuple[
 
 
 def make_split(ratings: pd.DataFrame, scenario: str, *, seed: int = 0, **settings) -> Split:
-    """Split ``ratings`` for a cold-start ``scenario`` (module docstring); seeded, leakage-free.
-
-    Args:
-        ratings: user_id, item_id, rating, timestamp; one row per (user, item).
-        scenario: "user-cold", "item-cold", "user+item-cold" or "temporal".
-        seed: seeds the choice of evaluation users.
-        settings: any other field of :class:`SplitSettings`: ``test_frac``, ``val_frac`` (fractions
-            of the eligible users), ``item_cutoff_quantile``, ``min_ratings``, ``max_ratings`` (None:
-            no upper bound), ``cold_support`` ("new"/"old"), ``temporal_query_size``.
-
-    Raises:
-        ValueError: unknown scenario, bad settings, or a filter that leaves no evaluation user
-            (the message names the filter).
+    """Split ``ratings`` (one row per user and item) for a cold-start ``scenario`` (module docstring);
+    ``seed`` draws the evaluation users, ``settings`` are the other fields of :class:`SplitSettings`.
+    ValueError: unknown scenario, bad fractions, or a filter that leaves no evaluation user (named).
     """
     _need(scenario in SCENARIOS, f"unknown scenario {scenario!r}; valid scenarios are: {', '.join(SCENARIOS)}")
     s = SplitSettings(seed=seed, **settings)
@@ -315,7 +279,6 @@ def make_split(ratings: pd.DataFrame, scenario: str, *, seed: int = 0, **setting
     in_eval = in_test | in_val
     keep = {"user-cold": ~in_eval, "item-cold": ~is_new, "user+item-cold": ~in_eval & ~is_new,
             "temporal": ~(in_eval & can_q)}[scenario]
-    _need(keep.any(), f"{scenario}: the training part is empty; lower test_frac/val_frac")
 
     def eval_frame(rows: np.ndarray) -> pd.DataFrame:
         m = rows & (can_s | can_q)
@@ -326,11 +289,8 @@ def make_split(ratings: pd.DataFrame, scenario: str, *, seed: int = 0, **setting
 
 
 def scenario_counts(split: Split) -> pd.DataFrame:
-    """Users, items, interactions, new items and query candidates per part of a split (chapter 2).
-
-    Returns:
-        DataFrame indexed by part ("train", "val", "test"); ``.attrs`` holds scenario and cutoff.
-    """
+    """Users, items, interactions, new items and query candidates per part ("train", "val", "test")
+    of a split (chapter 2); ``.attrs`` holds scenario and cutoff."""
     rows = {}
     for name in ("train", "val", "test"):
         f = getattr(split, name)
@@ -409,11 +369,7 @@ def _sizes(preset: str | EpisodePreset | None, sizes: dict) -> EpisodePreset:
         return dataclasses.replace(p, **{k: v for k, v in sizes.items() if v is not None})
     _need({"k_support", "n_query"} <= set(sizes), "make_episodes needs k_support= and n_query= (ints or None), "
           "or preset=", TypeError)
-    p = EpisodePreset("custom", **sizes)
-    for name in ("k_support", "n_query", "min_ratings", "max_ratings"):
-        v = getattr(p, name)
-        _need(v is None or _is_int(v, 1), f"{name} must be an int >= 1 or None, got {v!r}", TypeError)
-    return p
+    return EpisodePreset("custom", **sizes)
 
 
 def _user_rng(seed: int, user_id: int) -> np.random.Generator:
@@ -490,19 +446,14 @@ def _episode_frame(source: Split | pd.DataFrame, users, query_pool) -> tuple[pd.
         _need(query_pool is None, "query_pool cannot be combined with a Split: the split's can_query column "
               "defines the query pool; pass a DataFrame (e.g. split.train) to set query_pool yourself", TypeError)
         if isinstance(users, str):
-            _need(users in ("train", "val", "test"), f"users={users!r}: use 'train', 'val', 'test' or an array of user ids")
             if users == "train":
                 return source.train, source.train_users
             return getattr(source, users), getattr(source, f"{users}_users")
-        _need(users is not None, "with a Split, pass users='train', 'val', 'test' or an array of user ids")
         frame = pd.concat([source.val, source.test], ignore_index=True)
         bad = np.setdiff1d(np.atleast_1d(users), frame["user_id"].to_numpy())
         _need(len(bad) == 0, f"user(s) {bad[:5].tolist()} are not evaluation users of this split; pass users='val'/"
               "'test', or users='train' / make_episodes(split.train, ...) for training episodes")
         return frame, users
-    _need(isinstance(source, pd.DataFrame), f"source must be a Split or a ratings DataFrame, got {type(source).__name__}",
-          TypeError)
-    _need(not isinstance(users, str), f"users={users!r} is only meaningful with a Split; pass an array of user ids")
     if users is None:
         users = np.unique(source["user_id"].to_numpy())
     if query_pool is not None:
@@ -516,33 +467,21 @@ def _episode_frame(source: Split | pd.DataFrame, users, query_pool) -> tuple[pd.
 def make_episodes(source: Split | pd.DataFrame, users: str | Sequence[int] | np.ndarray | None = None, *, seed: int = 0,
                   order: str = "random", on_short: str = "raise", query_pool: Sequence[int] | np.ndarray | None = None,
                   preset: str | EpisodePreset | None = None, **sizes: int | None) -> list[Episode]:
-    """One support/query episode per user, seeded per user.
+    """One support/query episode per user, drawn with a generator seeded by (seed, user_id).
 
-    Args:
-        source: a :class:`Split` (episodes of its evaluation users, respecting ``can_support`` /
-            ``can_query``) or a ratings DataFrame (e.g. ``split.train``; without those columns every
-            row may be support or query).
-        users: user ids (episodes come back in this order); with a Split also "train", "val" or
-            "test"; with a DataFrame None means every user in it.
-        seed: a user's episode is drawn with a generator seeded by (seed, user_id), so it does not
-            depend on which other users are requested.
-        order: "random", or "time": support before query. With k given, the query starts at the
-            earliest query candidate with k support candidates before it and the support is the k
-            latest of those; with ``k_support=None`` the query is the latest n and the support all before.
-        on_short: "raise" (:class:`NotEnoughRatingsError`) or "skip" users that cannot supply the sizes.
-        query_pool: DataFrame source only: item ids that may be queried; other items become support-only.
-        preset: "melu" / :data:`MELU_PRESET` (``min_ratings`` / ``max_ratings`` may still be given).
-        sizes: ``k_support`` and ``n_query`` (int, or None for "all that remain"), optionally
-            ``min_ratings`` / ``max_ratings``: skip users whose candidate count lies outside.
+    ``source``: a :class:`Split` (its evaluation users, with ``can_support`` / ``can_query``; ``users``
+    may be "train", "val" or "test") or a ratings DataFrame (``users=None``: all; ``query_pool``: the
+    item ids that may be queried). Sizes: ``preset`` ("melu") or ``k_support`` and ``n_query`` (None:
+    all that remain), optionally ``min_ratings`` / ``max_ratings``. ``order="time"``: support before
+    query (with k given, the query starts at the first candidate with k support candidates before it,
+    the support the k latest of those; with ``k_support=None`` the query is the latest n). Users short
+    of ratings raise :class:`NotEnoughRatingsError`, or are skipped with ``on_short="skip"``.
     """
     p = _sizes(preset, sizes)
     _need(order in ("random", "time"), f"order must be 'random' or 'time', got {order!r}")
-    _need(on_short in ("raise", "skip"), f"on_short must be 'raise' or 'skip', got {on_short!r}")
     frame, users = _episode_frame(source, users, query_pool)
     df, t = _prepare(frame, "source")
     users = np.asarray(users)
-    uniq, cnt = np.unique(users, return_counts=True)
-    _need(not np.any(cnt > 1), f"users contains duplicates, e.g. {uniq[cnt > 1][:5].tolist()}")
     u = df["user_id"].to_numpy()
     starts, ends = np.searchsorted(u, users, side="left"), np.searchsorted(u, users, side="right")
     absent = users[starts == ends]
@@ -579,9 +518,7 @@ class ItemIndex:
     @classmethod
     def from_ids(cls, ids: Sequence[int] | np.ndarray | pd.Series) -> "ItemIndex":
         """Build from any array-like of integer item ids (duplicates allowed)."""
-        arr = np.unique(np.asarray(ids))
-        _need(arr.size > 0 and np.issubdtype(arr.dtype, np.integer), "ItemIndex needs at least one integer item id")
-        return cls(item_ids=arr.astype(np.int64))
+        return cls(item_ids=np.unique(np.asarray(ids)).astype(np.int64))
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -612,15 +549,12 @@ class ItemIndex:
 
 def collate_episodes(episodes: Sequence[Episode], *, item_index: ItemIndex | None = None,
                      featurize: Callable[[Tensor], Tensor] | None = None, device: torch.device | str | None = None) -> TaskBatch:
-    """Pad episodes into one :class:`TaskBatch`: ``x`` = items, ``y`` = ratings.
+    """Pad episodes into one :class:`TaskBatch`; S and Q are the largest support and query sizes.
 
-    ``x_support [T, S]`` holds item indices (``item_index.encode``; padded with its ``pad_index``)
-    or, without an index, raw item ids padded with -1 (an unmasked lookup then fails loudly). With
-    ``featurize`` (item index tensor ``[m]`` -> features ``[m, ...]``, called on real items only),
-    ``x`` holds the features, zero at padded slots. ``y`` has torch's default dtype, 0 at padding.
-    S and Q are the largest support and query sizes in the batch.
+    ``x [T, S]``: item indices (``item_index.encode``, padded with its ``pad_index``) or raw ids padded
+    with -1; with ``featurize`` (indices ``[m]`` -> ``[m, ...]``, real items only) the features, zero
+    at padding. ``y``: ratings in torch's default dtype, 0 at padding.
     """
-    _need(len(episodes) > 0, "episodes is empty; nothing to collate")
     dev = torch.device("cpu") if device is None else torch.device(device)
     pad = -1 if item_index is None else item_index.pad_index
 
@@ -646,7 +580,6 @@ def collate_episodes(episodes: Sequence[Episode], *, item_index: ItemIndex | Non
 def iterate_meta_batches(episodes: Sequence[Episode], batch_size: int, seed: int = 0, **collate_kwargs) -> Iterator[TaskBatch]:
     """One pass over ``episodes`` in a seeded random order, as :class:`TaskBatch` es of ``batch_size``
     tasks (the last one smaller); ``collate_kwargs`` go to :func:`collate_episodes`."""
-    _need(_is_int(batch_size, 1), f"batch_size must be an int >= 1, got {batch_size!r}")
     order = np.random.default_rng(seed).permutation(len(episodes))
     for a in range(0, len(order), batch_size):
         yield collate_episodes([episodes[i] for i in order[a:a + batch_size]], **collate_kwargs)
@@ -826,18 +759,14 @@ def visible_tags(split: Split, tags: pd.DataFrame) -> pd.DataFrame:
 
 def check_no_leakage(split: Split, episodes: Sequence[Episode] | None = None,
                      tags: pd.DataFrame | None = None) -> LeakageReport:
-    """Re-check a split (and optionally its evaluation episodes) for leakage, from scratch.
+    """Re-check a split (and its evaluation episodes, tags) for leakage from scratch; a :class:`LeakageReport`.
 
     Split: val and test users disjoint; no query candidate in ``train``; user-cold and
     user+item-cold: no evaluation user in ``train``; item scenarios: no new item in ``train``,
     queries only on new items, no new item rated at or before the cutoff; temporal: per evaluation
-    user, every support-pool and training time <= every query-pool time.
-    Episodes: no item in both support and query (or twice in one set), no query interaction in
-    ``train``, and the scenario's rules per episode. Tags (the item text's user-written part): none
-    that :func:`visible_tags` would drop.
-
-    Returns:
-        a :class:`LeakageReport`; ``.raise_if_bad()`` turns problems into a :class:`LeakageError`.
+    user, every support-pool and training time <= every query-pool time. Episodes: no item in both
+    sets (or twice in one), no query in ``train``, the scenario's rules. Tags: none that
+    :func:`visible_tags` would drop.
     """
     rep = LeakageReport(scenario=split.scenario)
     _check_split(split, rep)

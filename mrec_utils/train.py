@@ -31,10 +31,8 @@ C = TypeVar("C")
 def seed_everything(seed: int) -> None:
     """Seed Python's ``random``, NumPy's global generator and PyTorch (CPU and every GPU), with an int
     in [0, 2**32 - 1]. (Some CUDA kernels stay non-deterministic; see ``torch.use_deterministic_algorithms``.)"""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}.")
-    if not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be in [0, 2**32 - 1], got {seed}.")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an int in [0, 2**32 - 1], got {seed!r}.")
     random.seed(int(seed))
     np.random.seed(int(seed))
     torch.manual_seed(int(seed))  # also seeds every CUDA device
@@ -44,8 +42,6 @@ def get_device(prefer: str | torch.device | None = None) -> torch.device:
     """The torch device: ``prefer``, else ``$MREC_DEVICE``, else ``cuda`` when available, else ``cpu``
     (``"auto"`` means "choose for me"). Raises ValueError for an unknown or unavailable device."""
     choice = prefer if prefer is not None else os.environ.get("MREC_DEVICE", "").strip() or "auto"
-    if not isinstance(choice, (str, torch.device)):
-        raise TypeError(f"prefer must be a str, torch.device or None, got {type(choice).__name__}.")
     if isinstance(choice, str) and choice.lower() == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -84,8 +80,6 @@ def pick_best(candidates: Iterable[C], score: Callable[[C], float], *, maximize:
     """The first candidate whose ``score(candidate)`` is within ``tol`` of the best score, so that ties
     (and near-ties below ``tol``) in a validation grid go to the earlier entry on every machine."""
     cands = list(candidates)
-    if not cands:
-        raise ValueError("pick_best needs at least one candidate.")
     vals = [float(score(c)) for c in cands]
     if any(math.isnan(v) for v in vals):
         raise ValueError(f"a candidate scored NaN: {dict(zip(map(str, cands), vals))}.")
@@ -99,14 +93,8 @@ State = nn.Module | Mapping[str, Tensor]
 
 @dataclass
 class EarlyStopping:
-    """Stop when a monitored value has not improved for ``patience`` steps, and keep the best state.
-
-    Args:
-        patience: consecutive non-improving steps tolerated (>= 1); None: never stop, only keep the best.
-        min_delta: an improvement must beat the best value by more than this (default :data:`TIE_TOL`).
-        mode: ``"min"`` (a loss, MAE) or ``"max"`` (AUC, nDCG).
-        keep_best_state: keep a copy of the state passed to :meth:`step` at the best step, for :meth:`restore`.
-
+    """Stop when a monitored value has not beaten the best by more than ``min_delta`` for ``patience``
+    steps (None: never stop), ``mode`` "min" (a loss) or "max" (nDCG), and keep a copy of the best state.
     Usage: ``if stopper.step(val_loss, model): break`` in the loop, ``stopper.restore(model)`` after it.
     """
 
@@ -121,11 +109,6 @@ class EarlyStopping:
     best_state: dict[str, Tensor] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.patience is not None and (isinstance(self.patience, bool) or not isinstance(self.patience, int)
-                                          or self.patience < 1):
-            raise ValueError(f"patience must be an int >= 1 or None, got {self.patience!r}.")
-        if not (isinstance(self.min_delta, (int, float)) and self.min_delta >= 0):
-            raise ValueError(f"min_delta must be a number >= 0, got {self.min_delta!r}.")
         if self.mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {self.mode!r}.")
 

@@ -171,7 +171,7 @@ def test_statement_drives_retrieval():
 def test_never_recommends_rated_or_shown_until_exhausted():
     rec = make_rec(n=12)
     rated = rec.item_ids[[0, 5, 7]]
-    session = Conversation.for_user(rec, rated_item_ids=rated)
+    session = Conversation(rated=set(rec.rows_of(rated)))
     turns = ["I like Comedy"] + ["no", "yes", "haven't seen it"] * 4
     pairs = run_script(rec, turns, session)
     recs = [r.item_id for _, r in pairs if r.kind == "recommend"]

@@ -222,16 +222,10 @@ def test_embed_input_validation(tiny):
     assert embed_texts([], tiny).shape == (0, 32)
     with pytest.raises(TypeError, match="single string"):
         embed_texts("Toy Story", tiny)
-    with pytest.raises(TypeError, match=r"texts\[1\]"):
-        embed_texts(["ok", 3], tiny)
-    with pytest.raises(TypeError):
-        embed_texts(["ok", None], tiny)
     with pytest.raises(ValueError, match="no tokens"):
         embed_texts(["ok", ""], tiny, use_cache=False)
     with pytest.raises(ValueError, match="pooling"):
         embed_texts(["ok"], tiny, pooling="max")
-    with pytest.raises(TypeError, match="LoadedLM"):
-        embed_texts(["ok"], lm="gpt2")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,8 +261,6 @@ def test_generate_messages_without_chat_template(tiny):
 def test_generate_boundary_errors(tiny):
     with pytest.raises(ValueError, match="context"):
         generate(tiny, "x" * 125, max_new_tokens=10)  # tiny context is 128 tokens
-    with pytest.raises(TypeError, match="LoadedLM"):
-        generate("gpt2", "x")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -597,19 +597,12 @@ def test_loss_helpers():
 
 def test_bad_inputs_raise_clear_errors(setup):
     model, params, frozen, tasks, batch = setup
-    xs, ys = tasks[0][0], tasks[0][1]
-    with pytest.raises(ValueError, match="inner_lr is required"):
-        M.inner_adapt(model, params, frozen, xs, ys, loss_fn=M.mse_loss_per_example, steps=1, inner_lr=None)
     with pytest.raises(ValueError, match="one loss per example"):
         M.maml_loss(model, params, frozen, batch, loss_fn=lambda p, y: ((p.squeeze(-1) - y) ** 2).mean(), steps=1, inner_lr=LR)
     with pytest.raises(ValueError, match="unknown adapt spec"):
         M.split_params(model, adapt="body")
-    with pytest.raises(ValueError, match="matches no parameter"):
+    with pytest.raises(ValueError, match="selects no parameter"):
         M.split_params(model, adapt=["7"])
-    with pytest.raises(ValueError, match="last nn.Linear"):
-        M.split_params(nn.Sequential(nn.Conv1d(1, 1, 1)), adapt="head")
-    with pytest.raises(ValueError, match="stop="):
-        M.meta_train(model, M.MAML(1, LR), lambda step: batch, 2, validate=lambda: 0.0)
     assert not math.isnan(M.masked_mean(torch.tensor([float("inf")]), torch.tensor([False])).item())
 
 

@@ -133,7 +133,7 @@ def test_ndcg_mask_equals_unpadded(ties):
     [
         (dict(y_true=[1, 0], y_score=[0.1], k=1), ValueError),
         (dict(y_true=[1, 0], y_score=[0.1, 0.2], k=0), ValueError),
-        (dict(y_true=[1, 0], y_score=[0.1, 0.2], k=1.5), TypeError),
+        (dict(y_true=[1, 0], y_score=[0.1, 0.2], k=1.5), ValueError),
         (dict(y_true=[1, -1], y_score=[0.1, 0.2], k=1), ValueError),
         (dict(y_true=[1, 0], y_score=[0.1, np.nan], k=1), ValueError),
         (dict(y_true=[1, 0], y_score=[0.1, np.inf], k=1), ValueError),

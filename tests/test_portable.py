@@ -103,7 +103,7 @@ def test_pick_best_breaks_ties_and_near_ties_by_grid_order():
     assert train.pick_best(grid, clear.get) == 0.03
     with pytest.raises(ValueError, match="NaN"):
         train.pick_best(grid, lambda v: float("nan"))
-    with pytest.raises(ValueError, match="at least one"):
+    with pytest.raises(ValueError):
         train.pick_best([], tied.get)
 
 
