@@ -398,9 +398,10 @@ def _glue_values(nb: nbformat.NotebookNode) -> dict[str, dict]:
     values = {}
     for cell in nb.cells:
         for out in cell.get("outputs", []) if cell.cell_type == "code" else []:
-            name = (out.get("metadata", {}).get("scrapbook") or {}).get("name")
-            if name:
-                values[name] = out.get("data", {})
+            record = out.get("metadata", {}).get("scrapbook") or {}
+            if record.get("name"):  # glue(..., display=False) prefixes the mimetypes, as myst-nb strips them
+                prefix = record.get("mime_prefix", "")
+                values[record["name"]] = {k.removeprefix(prefix): v for k, v in out.get("data", {}).items()}
     return values
 
 
