@@ -8,7 +8,6 @@ The benchmark is its own package, ``mrec_bench`` (``python -m mrec_bench ...``).
 - ``metrics``: MAE, RMSE, nDCG@k, HR@k, AUC, bootstrap intervals.
 - ``train``: seeding, device choice, progress bars, early stopping.
 - ``plots``: one figure style.
-- ``prose``: ``glue``, computed results into the book's text (myst-nb's glue without myst-nb).
 """
 
 __version__ = "0.2.0"
