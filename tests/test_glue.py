@@ -279,9 +279,14 @@ def _captured(glue_function, *args, **kwargs):
     from IPython.core.interactiveshell import InteractiveShell
     from IPython.utils.capture import capture_output
 
-    InteractiveShell.instance()
-    with capture_output() as captured:
-        glue_function(*args, **kwargs)
+    started = not InteractiveShell.initialized()
+    InteractiveShell.instance()  # what a kernel provides; glue's formatters need it
+    try:
+        with capture_output() as captured:
+            glue_function(*args, **kwargs)
+    finally:
+        if started:  # leave no IPython shell behind for the other tests
+            InteractiveShell.clear_instance()
     return [(out.data, out.metadata) for out in captured.outputs]
 
 
