@@ -83,7 +83,12 @@ def _make_book(root: Path, chapter_md: str, setup_source: str | None = None) -> 
     nb = _nb([nbformat.v4.new_markdown_cell(title), nbformat.v4.new_code_cell(setup),
               nbformat.v4.new_markdown_cell(chapter_md), plot])
     nb.cells[1].outputs = [nbformat.v4.new_output("stream", text="1\n"), nbformat.v4.new_output(
-        "display_data", data={"text/plain": "np.float64(0.87654)"}, metadata={"scrapbook": {"name": "acc", "mime_prefix": ""}})]
+        "display_data", data={"text/plain": "np.float64(0.87654)"}, metadata={"scrapbook": {"name": "acc", "mime_prefix": ""}}),
+        nbformat.v4.new_output(  # glue(..., display=False): the mimetypes carry myst-nb's prefix
+            "display_data", data={"application/papermill.record/text/plain": "0.1234"},
+            metadata={"scrapbook": {"name": "hidden", "mime_prefix": "application/papermill.record/"}}),
+        nbformat.v4.new_output("display_data", data={"application/papermill.record/text/plain": "'beats'"},
+                               metadata={"scrapbook": {"name": "verdict", "mime_prefix": "application/papermill.record/"}})]
     nb.cells[1].execution_count = 1
     path = root / rel
     nbformat.write(nb, path)
@@ -207,10 +212,11 @@ def test_a_notebook_outside_the_canonical_form_is_refused(book):
 
 
 def test_glued_values_are_written_into_both_copies(book):
-    path, index = book("Accuracy {glue:text}`acc:.1%`, raw {glue}`acc`.")
+    path, index = book("Accuracy {glue:text}`acc:.1%`, raw {glue}`acc`, hidden {glue:text}`hidden:.2f`, "
+                       "it {glue:text}`verdict`.")
     for flavour in bc.FLAVOURS:
         md = _markdown(colab.export(path, flavour, FAKE_SHA, index, path.parents[1]))
-        assert "Accuracy 87.7%, raw np.float64(0.87654)." in md
+        assert "Accuracy 87.7%, raw np.float64(0.87654), hidden 0.12, it beats." in md
 
 
 @pytest.mark.parametrize("markup, message", [

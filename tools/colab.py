@@ -231,13 +231,15 @@ def _glue(page: Page, name: str, content: str) -> str:
     if name == "glue:md":
         return data.get("text/markdown", data.get("text/plain", ""))
     text = data.get("text/plain", "")
+    try:
+        value = ast.literal_eval(text.removeprefix("np.float64(").removesuffix(")"))
+    except (ValueError, SyntaxError):
+        value = None
     if spec:
-        try:
-            value = ast.literal_eval(text.removeprefix("np.float64(").removesuffix(")"))
-        except (ValueError, SyntaxError):
-            raise page.error(f"glue value {key!r} = {text!r} cannot be formatted with {spec!r}") from None
+        if value is None:
+            raise page.error(f"glue value {key!r} = {text!r} cannot be formatted with {spec!r}")
         return format(value, spec)
-    return text
+    return value if isinstance(value, str) else text  # a glued string without its quotes, as myst-nb shows it
 
 
 def convert_role(page: Page, name: str, content: str) -> str:
@@ -398,9 +400,10 @@ def _glue_values(nb: nbformat.NotebookNode) -> dict[str, dict]:
     values = {}
     for cell in nb.cells:
         for out in cell.get("outputs", []) if cell.cell_type == "code" else []:
-            name = (out.get("metadata", {}).get("scrapbook") or {}).get("name")
-            if name:
-                values[name] = out.get("data", {})
+            record = out.get("metadata", {}).get("scrapbook") or {}
+            if record.get("name"):  # glue(..., display=False) prefixes the mimetypes, as myst-nb strips them
+                prefix = record.get("mime_prefix", "")
+                values[record["name"]] = {k.removeprefix(prefix): v for k, v in out.get("data", {}).items()}
     return values
 
 
