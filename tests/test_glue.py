@@ -25,8 +25,8 @@ Two more checks: every glue name a notebook's markdown references is stored in a
 of that notebook (myst-nb's ``scrapbook`` output metadata), with a value that its format spec can
 format; and ``mrec_utils.prose.glue`` stores exactly what ``myst_nb.glue`` stores.
 
-``TODO`` lists typed numbers that are still in chapters this change could not edit; the lead empties
-it (an entry that is no longer found fails, so the list only shrinks).
+``TODO`` would list typed numbers waiting to be glued or rewritten as code; it is empty, and an entry
+that is no longer found fails, so it cannot grow stale.
 """
 from __future__ import annotations
 
@@ -53,18 +53,7 @@ ALLOWED = [
 
 # Typed numbers in chapters this change could not edit (the lead edits them): (file, the text on
 # the line around the number, what to do). Empty it; a stale entry fails.
-TODO = [
-    ("notebooks/04_metric_and_averaging.ipynb", "descent (step size 0.1)", "setting: write as code"),
-    ("notebooks/04_metric_and_averaging.ipynb", "meta-trained with (0.1)", "setting: write as code"),
-    ("notebooks/04_metric_and_averaging.ipynb", "likes 80% of what", "hypothetical share: rephrase or allow"),
-    ("notebooks/05_meta_recommender.ipynb", "rate times 0.5, 1 and 2", "settings: write as code"),
-    ("notebooks/05_meta_recommender.ipynb", "training 10% of the ratings", "setting: write as code"),
-    ("notebooks/06_dynamic_preferences.ipynb", "(0.5, then 0.01)", "settings in an exercise: write as code"),
-    ("notebooks/10_new_items_from_text.ipynb", "standard deviation 0.02", "GPT-2's initializer_range: write as code"),
-    ("notebooks/11_conversational.ipynb", "inner learning rate 0.3", "setting: write as code"),
-    ("notebooks/11_conversational.ipynb", "repetition penalty 1.2", "setting: write as code"),
-    ("notebooks/11_conversational.ipynb", "0.5 for unseen", "setting: write as code"),
-]
+TODO: list[tuple[str, str, str]] = []  # (path, text on the line, why): empty, keep it so
 
 NUMBER = re.compile(r"(?<![\w.])(?:\d+(?:\.\d+)?\s?%|\d*\.\d+(?:\.\d+)*)(?![\w])")
 CITE = re.compile(r"\{cite(?::\w+)?\}`")
