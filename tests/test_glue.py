@@ -33,11 +33,15 @@ from __future__ import annotations
 import ast
 import json
 import re
+import sys
 from pathlib import Path
 
+import nbformat
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import colab  # noqa: E402
 
 # A design constant, not a result: a pattern that must cover the number on its line, and why.
 ALLOWED = [
@@ -152,16 +156,12 @@ def test_no_typed_result_numbers(rel):
 
 # ----------------------------------------------------------------------------- glue references
 def glue_values(nb: dict) -> dict[str, str]:
-    """name -> stored text/plain of every glued value in a notebook (as myst-nb reads them)."""
+    """name -> stored text/plain of every glued value in a notebook (read by the Colab export's reader,
+    which strips the ``mime_prefix`` as myst-nb does)."""
     values = {}
-    for cell in nb["cells"]:
-        for out in cell.get("outputs", []) if cell["cell_type"] == "code" else []:
-            record = out.get("metadata", {}).get("scrapbook")
-            if record:
-                prefix = record.get("mime_prefix", "")
-                data = {k.removeprefix(prefix): v for k, v in out.get("data", {}).items()}
-                text = data.get("text/plain", "")
-                values[record["name"]] = "".join(text) if isinstance(text, list) else text
+    for name, data in colab._glue_values(nbformat.from_dict(nb)).items():
+        text = data.get("text/plain", "")
+        values[name] = "".join(text) if isinstance(text, list) else text
     return values
 
 
