@@ -63,16 +63,19 @@ class RankingSettings:
 
     ``coldstart``: chapter 5's :class:`~mrec_utils.coldstart.ColdStartSettings` (episodes and rating models);
     ``gpt``: chapter 7's :class:`~mrec_utils.gpt.ItemGPTSettings` (at most 10 epochs here instead of 20:
-    with patience 2 both stop within the first few); ``heads``: chapter 9's
-    :class:`~mrec_utils.heads.HeadSettings`. The heads' features: the LM (``lm``, None = the offline
+    with patience 2 both stop within the first few; co-occurrence's window and history grids reach 50 and
+    20, because the chapter's grids ended at 10, a frequent choice); ``heads``: chapter 9's
+    :class:`~mrec_utils.heads.HeadSettings` (logistic regression's penalty grid widened to 0.1-300 for
+    the same reason). The heads' features: the LM (``lm``, None = the offline
     default), its first ``layers`` blocks, ``components`` PCA dimensions, trained on the films with
     ``min_item_count`` training ratings. A rating >= ``like_threshold`` is a like for the AUC (the heads' own
     like is :data:`mrec_utils.heads.LIKE`, 4.0 too).
     """
 
     coldstart: coldstart.ColdStartSettings = field(default_factory=coldstart.ColdStartSettings)
-    gpt: gpt.ItemGPTSettings = field(default_factory=lambda: gpt.ItemGPTSettings(epochs=10))
-    heads: gm.HeadSettings = field(default_factory=gm.HeadSettings)
+    gpt: gpt.ItemGPTSettings = field(default_factory=lambda: gpt.ItemGPTSettings(
+        epochs=10, cooc_windows=(1, 2, 5, 10, 20, 50), cooc_lasts=(1, 2, 5, 10, 20)))
+    heads: gm.HeadSettings = field(default_factory=lambda: gm.HeadSettings(logreg_l2s=(0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)))
     lm: str | None = None
     layers: int = 8
     components: int = 64
@@ -224,15 +227,16 @@ def head_runs(d: coldstart.ColdStartData, ml: data.MovieLens, llm: lm.LoadedLM, 
               methods: Sequence[str]) -> tuple[dict[str, MethodRun], dict]:
     """Chapter 9's like-heads on one seed's split, as :class:`MethodRun` s (keys ``head_<method>``).
 
-    The film texts (:func:`mrec_utils.data.item_text`) of the head catalogue (films with
-    ``s.min_item_count`` training ratings) and of every episode film are embedded (cached on disk); the
-    PCA is fitted on the catalogue only, so a film's features do not depend on which episodes were drawn.
+    The film texts (:func:`mrec_utils.data.item_text`: title, year and genres, no user-written tags, as in
+    chapters 8-11) of the head catalogue (films with ``s.min_item_count`` training ratings) and of every
+    episode film are embedded (cached on disk); the PCA is fitted on the catalogue only, so a film's
+    features do not depend on which episodes were drawn.
     """
     counts = d.train.item_id.value_counts()
     catalogue = np.sort(counts.index[counts.to_numpy() >= s.min_item_count].to_numpy().astype(np.int64))
     eps = list(d.val_episodes) + list(d.test_episodes)
     need = np.unique(np.concatenate([catalogue] + [e.support_items for e in eps] + [e.query_items for e in eps]).astype(np.int64))
-    texts = data.item_text(ml.items, ml.tags).reindex(need)
+    texts = data.item_text(ml.items).reindex(need)  # tags come from users, evaluated ones too
     if texts.isna().any():
         raise ValueError(f"films without text: {need[texts.isna().to_numpy()][:5].tolist()}")
     t0 = time.perf_counter()
