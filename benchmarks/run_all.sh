@@ -6,22 +6,24 @@
 #   SCHEDULER=tcp://host:8786 bash benchmarks/run_all.sh        # an existing Dask cluster (its workers need
 #                                                               # this package, MREC_DATA_DIR and the LM)
 #   SCHEDULER=serial bash benchmarks/run_all.sh                 # one job after the other, no Dask
-#   DATASETS=ml-latest-small bash benchmarks/run_all.sh         # one data set
+#   REPLICATION= bash benchmarks/run_all.sh                     # without the ml-100k replication
 #   SKIP_SPEED=1 bash benchmarks/run_all.sh                     # everything but the speed table
 #
 # The sweep (python -m mrec_bench sweep) runs one job per (data set, scenario, k, seed): chapter 5's ten
 # methods fitted once, evaluated and timed, then the same episodes ranked by chapters 7 and 9's methods.
 # Every job runs on one thread in float64 and seeds itself, so the files do not depend on where or in which
 # order the jobs ran; tests/test_benchmark_results.py re-computes slices and compares them user by user.
+# The replication on ml-100k (chapter 12) runs the new-user scenario only, with the same settings.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-DATASETS=${DATASETS:-"ml-latest-small ml-100k"}
+REPLICATION=${REPLICATION-ml-100k}
 OUTDIR=${OUTDIR:-benchmarks/results}
-args=(--datasets $DATASETS --out "$OUTDIR")
+args=(--out "$OUTDIR")
 [[ -n "${SCHEDULER:-}" ]] && args+=(--scheduler "$SCHEDULER")
 [[ -n "${WORKERS:-}" ]] && args+=(--workers "$WORKERS")
-time $PY -m mrec_bench sweep "${args[@]}"
+time $PY -m mrec_bench sweep --datasets ml-latest-small "${args[@]}"
+[[ -n "$REPLICATION" ]] && time $PY -m mrec_bench sweep --datasets "$REPLICATION" --scenarios user-cold "${args[@]}"
 
 # Meta-training speed: vmap vs loop vs higher vs the hand-batched reference. Timings depend on the machine
 # and its load; the file records the load averages before and after. Run it on a quiet machine.

@@ -10,6 +10,8 @@ agree with scikit-learn, and bad input fails with a clear message.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -170,6 +172,18 @@ def test_a_method_does_not_depend_on_the_others(ml, llm, user_cold):
     alone = run(ml, llm, "user-cold", k=5, seeds=(1,), methods=["head_logreg", "cooccurrence"]).per_user
     joint = user_cold.per_user[(user_cold.per_user.seed == 1) & user_cold.per_user.method.isin(["head_logreg", "cooccurrence"])]
     np.testing.assert_allclose(alone["ndcg@3"].to_numpy(), joint["ndcg@3"].to_numpy())
+
+
+def test_head_texts_carry_no_user_written_tags(ml, llm, monkeypatch):
+    """Tags come from users, evaluated users included (chapter 1), so the heads read title, year and
+    genres only: a tag planted on every rated film reaches no embedded text."""
+    tags = pd.DataFrame({"user_id": ml.ratings.user_id, "item_id": ml.ratings.item_id, "tag": "plantedtag",
+                         "timestamp": ml.ratings.timestamp.astype("int64") // 10**9})
+    seen = []
+    embed = ranking.lm.embed_texts
+    monkeypatch.setattr(ranking.lm, "embed_texts", lambda texts, *a, **kw: seen.extend(texts) or embed(texts, *a, **kw))
+    run(dataclasses.replace(ml, tags=tags), llm, "user-cold", k=5, methods=["head_global"])
+    assert seen and all("Genres:" in t and "plantedtag" not in t for t in seen)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
