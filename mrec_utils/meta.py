@@ -371,6 +371,8 @@ def meta_train(model: nn.Module, method: MetaMethod, sample_batch: Callable[[int
     decides what is better and when to stop; the best state of ``keep`` (default the model; or a dict
     of tensors, e.g. with Meta-SGD rates) is restored at the end.
     """
+    if validate is not None and stop is None:
+        raise ValueError("meta_train: validate= needs stop= (a train.EarlyStopping) to decide which state is best.")
     keep = model if keep is None else keep
     log, start = MetaLog(), time.perf_counter()
     for step in train.progress(range(n_steps), desc=type(method).__name__):

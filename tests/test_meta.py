@@ -477,6 +477,13 @@ def test_meta_train_keeps_the_best_checkpoint_of_a_dict_without_stopping():
     assert not torch.equal(seen[1]["lr:4.weight"], seen[2]["lr:4.weight"])
 
 
+def test_meta_train_with_validate_needs_stop():
+    model = make_mlp()
+    with pytest.raises(ValueError, match="needs stop="):
+        M.meta_train(model, M.MAML(1, LR), sampler(), 2, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                     validate=lambda: 1.0)
+
+
 def test_meta_train_takes_any_method_object():
     calls = []
 
