@@ -107,7 +107,6 @@ class Release:
     tags_file: str | None
     users_file: str | None
     files: tuple[FileSpec, ...]
-    archive_size: int | None = None
     genre_file: str | None = None
     description: str = ""
 

@@ -146,14 +146,12 @@ def train_epoch(model: GPT2LMHeadModel, opt: torch.optim.Optimizer, windows: lis
 class GPTTrainLog:
     """What :func:`train_item_gpt` did: mean training cross-entropy per epoch (nats per predicted
     film, mean over an ensemble), validation full-catalogue nDCG@10 per epoch (if any), the 1-based
-    epoch whose weights are kept, wall-clock seconds, training windows and predicted films per epoch."""
+    epoch whose weights are kept and wall-clock seconds."""
 
     losses: list[float] = field(default_factory=list)
     val_ndcg: list[float] = field(default_factory=list)
     best_epoch: int = 0
     seconds: float = 0.0
-    n_windows: int = 0
-    n_targets: int = 0
 
 
 def train_item_gpt(
@@ -178,7 +176,7 @@ def train_item_gpt(
 
     members = list(model) if isinstance(model, (list, tuple)) else [model]
     windows = training_windows(sequences, members[0].config.n_positions)
-    log = GPTTrainLog(n_windows=len(windows), n_targets=int(sum(len(w) - 1 for w in windows)))
+    log = GPTTrainLog()
     stopper = EarlyStopping(patience=settings.patience, mode="max") if val is not None else None
     kept = torch.nn.ModuleList(members)  # one state_dict for all members (kept and restored together)
     opts = [torch.optim.AdamW(m.parameters(), lr=settings.lr, weight_decay=0.0) for m in members]

@@ -63,15 +63,15 @@ def loglog_rank_plot(ax, counts, label: str | None = None, **plot_kw):
     return line
 
 
-def bar_counts(ax, series, color: str | None = None, rotate: float | None = None, **bar_kw):
+def bar_counts(ax, series, color: str | None = None, **bar_kw):
     """Bars of a pandas Series (or dict) in its order: index -> labels, values -> heights; labels
-    rotated by 45 degrees when there are more than 8 (or by ``rotate``). Returns the bars."""
+    rotated by 45 degrees when there are more than 8. Returns the bars."""
     import pandas as pd
 
     series = pd.Series(series)
     x = np.arange(len(series))
     bars = ax.bar(x, series.to_numpy(dtype=float), color=color or PALETTE[0], **bar_kw)
-    rotate = (45 if len(series) > 8 else 0) if rotate is None else rotate
+    rotate = 45 if len(series) > 8 else 0
     ax.set_xticks(x)
     ax.set_xticklabels([str(i) for i in series.index], rotation=rotate, ha="right" if rotate else "center")
     return bars
@@ -117,12 +117,12 @@ def _box_exit(box: tuple[float, float, float, float], toward: tuple[float, float
     return cx + t * dx + gap * dx / norm, cy + t * dy + gap * dy / norm
 
 
-def system_diagram(ax, *, details: bool = True, title: str | None = "How the pieces fit together") -> SystemDiagram:
+def system_diagram(ax, *, title: str | None = "How the pieces fit together") -> SystemDiagram:
     """Draw the book's system diagram, five boxes in a loop: user data -> meta-learner -> language
     model (top row, left to right) -> recommendations -> feedback (bottom row, right to left) -> back,
     each arrow labelled with what travels along it, in plain matplotlib patches. ``ax``: limits
-    ``[0, 14] x [0, 6.6]``, axis hidden (10 x 5 inches reads well); ``details``: under each label what
-    the stage does and which chapters build it.
+    ``[0, 14] x [0, 6.6]``, axis hidden (10 x 5 inches reads well). Under each label: what the stage
+    does and which chapters build it.
     """
     w, h = 3.0, 1.7
     top, bottom = 4.2, 0.6
@@ -139,12 +139,9 @@ def system_diagram(ax, *, details: bool = True, title: str | None = "How the pie
         # a second, opaque outline so the border keeps its full colour despite alpha
         ax.add_patch(FancyBboxPatch((box[0], box[1]), w, h, boxstyle="round,pad=0.02,rounding_size=0.18",
                                     facecolor="none", edgecolor=colour, linewidth=1.8))
-        if details:
-            ax.text(cx, cy + 0.45, label, ha="center", va="center", fontsize=11, fontweight="bold", color="#222222")
-            ax.text(cx, cy - 0.12, what, ha="center", va="center", fontsize=8.5, color="#333333", linespacing=1.15)
-            ax.text(cx, cy - 0.62, chapters, ha="center", va="center", fontsize=8, style="italic", color="#555555")
-        else:
-            ax.text(cx, cy, label, ha="center", va="center", fontsize=11, fontweight="bold", color="#222222")
+        ax.text(cx, cy + 0.45, label, ha="center", va="center", fontsize=11, fontweight="bold", color="#222222")
+        ax.text(cx, cy - 0.12, what, ha="center", va="center", fontsize=8.5, color="#333333", linespacing=1.15)
+        ax.text(cx, cy - 0.62, chapters, ha="center", va="center", fontsize=8, style="italic", color="#555555")
         out.boxes[label] = box
         out.patches[label] = patch
 

@@ -101,7 +101,6 @@ class EarlyStopping:
     patience: int | None = 5
     min_delta: float = TIE_TOL
     mode: str = "min"
-    keep_best_state: bool = True
     best: float | None = field(default=None, init=False)
     best_step: int = field(default=-1, init=False)
     num_bad_steps: int = field(default=0, init=False)
@@ -111,16 +110,6 @@ class EarlyStopping:
     def __post_init__(self) -> None:
         if self.mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {self.mode!r}.")
-
-    def is_improvement(self, value: float) -> bool:
-        """Whether ``value`` beats the best value so far by more than ``min_delta``."""
-        if self.best is None:
-            return True
-        return value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
-
-    @property
-    def should_stop(self) -> bool:
-        return self.patience is not None and self.num_bad_steps >= self.patience
 
     def step(self, value: float, state: State | None = None) -> bool:
         """Record one validation value (and the current ``state``); True when training should stop.
@@ -132,19 +121,20 @@ class EarlyStopping:
         if math.isnan(value):
             raise ValueError("monitored value is NaN: training diverged; lower the learning rate or check the loss.")
         self.steps += 1
-        if self.is_improvement(value):
+        d = self.min_delta
+        if self.best is None or (value < self.best - d if self.mode == "min" else value > self.best + d):
             self.best, self.best_step, self.num_bad_steps = value, self.steps - 1, 0
-            if state is not None and self.keep_best_state:
+            if state is not None:
                 tensors = state.state_dict() if isinstance(state, nn.Module) else state
                 self.best_state = {k: v.detach().clone() for k, v in tensors.items()}
         else:
             self.num_bad_steps += 1
-        return self.should_stop
+        return self.patience is not None and self.num_bad_steps >= self.patience
 
     def restore(self, state: State) -> State:
         """Copy the best kept values back into ``state`` (a module or the dict given to :meth:`step`)."""
         if self.best_state is None:
-            raise ValueError("no best state kept; pass the model to step(value, model) with keep_best_state=True.")
+            raise ValueError("no best state kept; pass the model to step(value, model).")
         if isinstance(state, nn.Module):
             state.load_state_dict(self.best_state)
         else:

@@ -70,9 +70,9 @@ def test_arrows_close_the_loop_from_box_edge_to_box_edge(drawn):
                 assert not _near_box(end, box, tol=0.2)
 
 
-def test_renders_without_error_and_plain_labels_mode():
+def test_renders_without_error_and_without_title():
     fig, ax = plots.new_figure(width=10, height=5)
-    d = plots.system_diagram(ax, details=False, title=None)
+    d = plots.system_diagram(ax, title=None)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)

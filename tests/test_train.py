@@ -95,7 +95,7 @@ def test_early_stopping_min():
     assert es.step(0.85) is False and es.best == 0.85 and es.best_step == 2
     assert es.step(0.9) is False
     assert es.step(0.8) is True
-    assert es.best == 0.85 and es.should_stop
+    assert es.best == 0.85 and es.num_bad_steps == es.patience
 
 
 def test_early_stopping_max_and_tensor_values():
