@@ -1,13 +1,12 @@
 """A small conversational recommender (chapter 11): free-text tastes, like/dislike answers, fast adaptation.
 
-A turn is feedback on the last suggestion (:func:`parse_feedback`: "yes", "not for me", "4/5", 👍,
-"haven't seen it") or a taste statement, embedded by a language model. Likes and dislikes are the
-support set of a per-user head, adapted in a few SGD steps from a meta-learned start
-(:func:`adapt_head`); the next film is the best unseen one by (:func:`score_items`)
-``f_theta_u(z_i) + lambda * std(cos(s, x_i)) + mu * pop_i``. Each suggestion has a one-sentence
-reason by the model, or a template from the film's text (:func:`template_reason`). :func:`respond`
-answers any string; :func:`chat_widget` is the same loop in Jupyter or Colab. ``embed_fn`` and
-``reason_fn`` can be any callables (tests use tiny stand-ins).
+A turn is feedback on the last suggestion (:func:`parse_feedback`: "yes", "not for me", "4/5", 👍, "haven't seen it") or
+a taste statement, embedded by a language model. Likes and dislikes are the support set of a per-user head, adapted in a
+few SGD steps from a meta-learned start (:func:`adapt_head`); the next film is the best unseen one by
+(:func:`score_items`) ``f_theta_u(z_i) + lambda * std(cos(s, x_i)) + mu * pop_i``. Each suggestion has a one-sentence
+reason by the model, or a template from the film's text (:func:`template_reason`). :func:`respond` answers any string;
+:func:`chat_widget` is the same loop in Jupyter or Colab. ``embed_fn`` and ``reason_fn`` can be any callables (tests use
+tiny stand-ins).
 """
 
 from __future__ import annotations
@@ -54,12 +53,11 @@ class ConversationSettings:
 
 @dataclass
 class ConvRecommender:
-    """What every conversation shares. ``item_emb [n, d]``: unit item text embeddings, centred by
-    subtracting ``center [d]`` from the normalised raw rows; ``head``: features ``[N, D]`` -> ``[N]``
-    logits, on ``head_features [n, D]`` (default ``item_emb``), adapted from ``init`` (default: all its
-    parameters; the others stay fixed); ``embed_fn(texts) -> [m, d]``: raw embeddings by the model of
-    ``item_emb``; ``reason_fn(statement, liked_titles, item_text) -> str`` or None (template reasons);
-    ``popularity [n]``: training rating counts."""
+    """What every conversation shares. ``item_emb [n, d]``: unit item text embeddings, centred by subtracting ``center
+    [d]`` from the normalised raw rows; ``head``: features ``[N, D]`` -> ``[N]`` logits, on ``head_features [n, D]``
+    (default ``item_emb``), adapted from ``init`` (default: all its parameters; the others stay fixed);
+    ``embed_fn(texts) -> [m, d]``: raw embeddings by the model of ``item_emb``; ``reason_fn(statement, liked_titles,
+    item_text) -> str`` or None (template reasons); ``popularity [n]``: training rating counts."""
 
     item_ids: np.ndarray
     texts: list[str]
@@ -395,12 +393,11 @@ def _respond(rec: ConvRecommender, session: Conversation, user_turn: str, with_r
 def respond(rec: ConvRecommender, session: Conversation, user_turn: str, *, with_reason: bool = True) -> Reply:
     """Answer one turn of the user and update ``session`` in place; any string gets a sensible reply.
 
-    Empty or letter-less text: a clarifying question. ``quit``: goodbye with a summary; ``help``: how
-    to talk to it. Feedback on the last suggestion (:func:`parse_feedback`): recorded, the head
-    re-adapted from its initialisation, the next film suggested ("No. Something lighter please" is
-    also a statement). Anything else is a taste statement (averaged with earlier ones). Over
-    :data:`MAX_CHARS` characters: truncated, and the reply says so; mostly non-Latin script: the reply
-    says the model works best in English. ``with_reason=False`` skips the model's reason (template).
+    Empty or letter-less text: a clarifying question. ``quit``: goodbye with a summary; ``help``: how to talk to it.
+    Feedback on the last suggestion (:func:`parse_feedback`): recorded, the head re-adapted from its initialisation, the
+    next film suggested ("No. Something lighter please" is also a statement). Anything else is a taste statement
+    (averaged with earlier ones). Over :data:`MAX_CHARS` characters: truncated, and the reply says so; mostly non-Latin
+    script: the reply says the model works best in English. ``with_reason=False`` skips the model's reason (template).
     TypeError when ``user_turn`` is not a str (e.g. None from a broken input widget).
     """
     if not isinstance(user_turn, str):

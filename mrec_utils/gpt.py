@@ -1,19 +1,17 @@
 """The item-GPT of chapter 7: a small GPT-2 whose tokens are films, trained to predict a user's next film.
 
-Read it in this order: :class:`ItemGPTSettings` (the chapter's settings), :func:`make_item_gpt` (the
-model), :func:`pad_batch` and :func:`next_item_loss` (one batch), :func:`train_epoch` (one pass over the
-data), :func:`train_item_gpt` (epochs with early stopping on validation users) and
-:func:`score_next_items`. Then the data (vocabulary, user sequences, leave-last-out cases, training
-windows), the baselines the GPT is compared with (popularity, co-occurrence) and the evaluation
-(history mask, sampled negatives, :func:`evaluate_next_item`).
+Read it in this order: :class:`ItemGPTSettings` (the chapter's settings), :func:`make_item_gpt` (the model),
+:func:`pad_batch` and :func:`next_item_loss` (one batch), :func:`train_epoch` (one pass over the data),
+:func:`train_item_gpt` (epochs with early stopping on validation users) and :func:`score_next_items`. Then the data
+(vocabulary, user sequences, leave-last-out cases, training windows), the baselines the GPT is compared with
+(popularity, co-occurrence) and the evaluation (history mask, sampled negatives, :func:`evaluate_next_item`).
 
 Conventions:
 
-* Films are *indices* ``0..n_items-1`` into a vocabulary (``ItemSequences.item_ids`` maps them back
-  to MovieLens ids). A sequence is a 1-D int64 array of indices in time order, oldest first.
-* Inside the GPT, film index i is token i + 1; token 0 (:data:`PAD_TOKEN`) is padding, hidden by the
-  attention mask and ignored by the loss (label -100). Scores returned to callers are over films
-  only: shape ``[n, n_items]``.
+* Films are *indices* ``0..n_items-1`` into a vocabulary (``ItemSequences.item_ids`` maps them back to MovieLens ids). A
+  sequence is a 1-D int64 array of indices in time order, oldest first.
+* Inside the GPT, film index i is token i + 1; token 0 (:data:`PAD_TOKEN`) is padding, hidden by the attention mask and
+  ignored by the loss (label -100). Scores returned to callers are over films only: shape ``[n, n_items]``.
 * Sequences are right-padded, so positions start at 0 for every sequence, as in training.
 * A list of GPTs is an *ensemble*: trained in lockstep, scored by the mean of their log-probabilities.
 """
@@ -70,11 +68,10 @@ def make_item_gpt(n_items: int, settings: ItemGPTSettings = ItemGPTSettings(), s
                   item_vectors: np.ndarray | None = None) -> GPT2LMHeadModel:
     """A small GPT-2 (``transformers.GPT2LMHeadModel``, on the CPU) with ``n_items + 1`` tokens.
 
-    The output layer shares its weights with the token embeddings (GPT-2's weight tying), so every
-    film has one vector used both to read it and to score it. ``seed`` seeds the initial weights
-    (the global torch RNG is left as it was); ``item_vectors`` ([n_items, n_embd], e.g. from
-    :func:`cooccurrence_embeddings`) replace the film embeddings, centred and rescaled to GPT-2's
-    initial standard deviation (``initializer_range`` = 0.02).
+    The output layer shares its weights with the token embeddings (GPT-2's weight tying), so every film has one vector
+    used both to read it and to score it. ``seed`` seeds the initial weights (the global torch RNG is left as it was);
+    ``item_vectors`` ([n_items, n_embd], e.g. from :func:`cooccurrence_embeddings`) replace the film embeddings, centred
+    and rescaled to GPT-2's initial standard deviation (``initializer_range`` = 0.02).
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 

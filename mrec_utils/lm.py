@@ -78,11 +78,10 @@ def load_causal_lm(name: str | os.PathLike | None = None, device: str | torch.de
                    dtype: torch.dtype | str = torch.float32) -> LoadedLM:
     """Load a causal LM and its tokenizer, once per process and arguments (``load_causal_lm.cache_clear()``).
 
-    ``name``: ``None`` for the offline default (:data:`DEFAULT_LM`; de-quantising it takes 15-25 s on a
-    2-core CPU), a Hugging Face model id (the Hub or the local HF cache), a model folder or a ``.gguf``
-    file. ``device``: ``None`` -> :func:`mrec_utils.train.get_device`; ``dtype`` e.g. ``"bfloat16"``.
-    Raises :class:`ModelNotAvailableError` (saying how to install or reach the model) or
-    ``FileNotFoundError`` (a path that does not exist).
+    ``name``: ``None`` for the offline default (:data:`DEFAULT_LM`; de-quantising it takes 15-25 s on a 2-core CPU), a
+    Hugging Face model id (the Hub or the local HF cache), a model folder or a ``.gguf`` file. ``device``: ``None`` ->
+    :func:`mrec_utils.train.get_device`; ``dtype`` e.g. ``"bfloat16"``. Raises :class:`ModelNotAvailableError` (saying
+    how to install or reach the model) or ``FileNotFoundError`` (a path that does not exist).
     """
     from .train import get_device
 
@@ -586,9 +585,8 @@ def _write_default_record(cache_dir: str | os.PathLike | None, fingerprint: str,
 
 def _serve_default_from_cache(texts: list[str], pooling: str, layers: int | None, normalize: bool,
                               cache_dir: str | os.PathLike | None) -> np.ndarray | None:
-    """Embeddings of ``texts`` by the default model read from the store without loading the model,
-    or ``None`` (then the caller loads it) when the record is missing/stale, an option is out of
-    range, or any text is not stored yet."""
+    """Embeddings of ``texts`` by the default model read from the store without loading the model, or ``None`` (then the
+    caller loads it) when the record is missing/stale, an option is out of range, or any text is not stored yet."""
     try:
         record = json.loads(_default_record_path(cache_dir).read_text())
         fingerprint, hidden, n_ctx, n_blocks = record["fingerprint"], int(record["hidden"]), record["n_ctx"], int(record["n_blocks"])
@@ -661,18 +659,17 @@ def parse_ranking(answer: Any, candidate_titles: Sequence[str]) -> list[int]:
 
     Mentions are read in order of appearance:
 
-    - candidate numbers ``1..n`` written as ``3``, ``3.``, ``3)``, ``[3]``, ``#3`` (numbers out of
-      range, inside words such as ``R2``, decimals and years are ignored);
-    - titles, case-, accent- and punctuation-insensitive, with or without the ``(1995)`` year, with a
-      trailing article moved to the front (``"American President, The"`` = ``"The American President"``),
-      and partial forms (alternative title in brackets, the part before a colon, the title without
-      its leading article) when no other candidate shares them. A number directly followed by a title
-      (``"1. Heat"``) is read as the answer's own list numbering, so the title counts, not the number;
-      so is a number opening a line that holds just one more number (``"1. 3"``), or any text when the
-      answer names some candidate title (``"1. <a movie that is not a candidate>"``).
+    - candidate numbers ``1..n`` written as ``3``, ``3.``, ``3)``, ``[3]``, ``#3`` (numbers out of range, inside words
+      such as ``R2``, decimals and years are ignored);
+    - titles, case-, accent- and punctuation-insensitive, with or without the ``(1995)`` year, with a trailing article
+      moved to the front (``"American President, The"`` = ``"The American President"``), and partial forms (alternative
+      title in brackets, the part before a colon, the title without its leading article) when no other candidate shares
+      them. A number directly followed by a title (``"1. Heat"``) is read as the answer's own list numbering, so the
+      title counts, not the number; so is a number opening a line that holds just one more number (``"1. 3"``), or any
+      text when the answer names some candidate title (``"1. <a movie that is not a candidate>"``).
 
-    Each candidate counts once (first mention); the rest follow in their original order, so the
-    result is always a permutation of ``range(n)``: malformed answers (``None``, garbage) give the original order.
+    Each candidate counts once (first mention); the rest follow in their original order, so the result is always a
+    permutation of ``range(n)``: malformed answers (``None``, garbage) give the original order.
     """
     cands = list(candidate_titles)
     if isinstance(answer, bytes):

@@ -1,24 +1,23 @@
-"""MAML, first-order MAML, ANIL, Meta-SGD and Reptile with :mod:`torch.func`; the one meta-training
-loop; prototypical and matching heads.
+"""MAML, first-order MAML, ANIL, Meta-SGD and Reptile with :mod:`torch.func`; the one meta-training loop; prototypical
+and matching heads.
 
-Any ``nn.Module`` with a forward that is a pure function of parameters and inputs works. Parameters
-travel as dictionaries ``{name: tensor}`` (:func:`split_params`): ``params`` are adapted in the inner
-loop, ``frozen`` are not (but meta-learned if they require grad: ANIL's body). For a meta-batch of
-T padded tasks (:class:`mrec_utils.tasks.TaskBatch`):
+Any ``nn.Module`` with a forward that is a pure function of parameters and inputs works. Parameters travel as
+dictionaries ``{name: tensor}`` (:func:`split_params`): ``params`` are adapted in the inner loop, ``frozen`` are not
+(but meta-learned if they require grad: ANIL's body). For a meta-batch of T padded tasks
+(:class:`mrec_utils.tasks.TaskBatch`):
 
-* inner loop (:func:`inner_adapt`): ``theta_i <- theta_i - alpha * grad L_support_i(theta_i)``, K times,
-  with ``alpha`` a number or one tensor per parameter (Meta-SGD, Li et al. 2017);
-* MAML (Finn et al. 2017, :func:`maml_loss`): ``J(theta) = mean_i L_query_i(theta_i^(K))``,
-  differentiated *through* the inner loop (Hessian-vector products); FOMAML (``first_order=True``)
-  treats the inner gradients as constants; ANIL (Raghu et al. 2020) adapts only the head
-  (``split_params(model, "head")``);
-* Reptile (Nichol, Achiam & Schulman 2018, :func:`reptile_step`): ``phi <- phi + epsilon *
-  mean_i(phi_i - phi)``, ``phi_i`` after K SGD steps on task i. Reptile is not an acronym.
+* inner loop (:func:`inner_adapt`): ``theta_i <- theta_i - alpha * grad L_support_i(theta_i)``, K times, with ``alpha``
+  a number or one tensor per parameter (Meta-SGD, Li et al. 2017);
+* MAML (Finn et al. 2017, :func:`maml_loss`): ``J(theta) = mean_i L_query_i(theta_i^(K))``, differentiated *through* the
+  inner loop (Hessian-vector products); FOMAML (``first_order=True``) treats the inner gradients as constants; ANIL
+  (Raghu et al. 2020) adapts only the head (``split_params(model, "head")``);
+* Reptile (Nichol, Achiam & Schulman 2018, :func:`reptile_step`): ``phi <- phi + epsilon * mean_i(phi_i - phi)``,
+  ``phi_i`` after K SGD steps on task i. Reptile is not an acronym.
 
-Losses are masked means over the real examples; padded rows are zeroed before the model sees them,
-so their content (even NaN) changes nothing. A task without examples has loss 0; one with an empty
-query set is left out of the mean. :func:`meta_train` is the loop of every chapter that meta-trains,
-with a method object (:class:`MAML`, :class:`Reptile`, or your own with an ``update`` method).
+Losses are masked means over the real examples; padded rows are zeroed before the model sees them, so their content
+(even NaN) changes nothing. A task without examples has loss 0; one with an empty query set is left out of the mean.
+:func:`meta_train` is the loop of every chapter that meta-trains, with a method object (:class:`MAML`, :class:`Reptile`,
+or your own with an ``update`` method).
 """
 
 from __future__ import annotations
@@ -203,10 +202,9 @@ def init_meta_sgd_lrs(params: Mapping[str, Tensor], init: float = 0.01) -> Param
 
 
 def split_params(model: nn.Module, adapt: AdaptSpec = "all") -> tuple[Params, Params]:
-    """``(params, frozen)``: the model's own parameters (not copies) that the inner loop adapts, and
-    the rest (which still get meta-gradients). ``adapt``: ``"all"`` (MAML, Reptile, Meta-SGD),
-    ``"head"`` (the last ``nn.Linear``: ANIL), name prefixes (``["2"]`` matches ``2.weight``, not
-    ``20.weight``) or a callable ``name -> bool``.
+    """``(params, frozen)``: the model's own parameters (not copies) that the inner loop adapts, and the rest (which
+    still get meta-gradients). ``adapt``: ``"all"`` (MAML, Reptile, Meta-SGD), ``"head"`` (the last ``nn.Linear``:
+    ANIL), name prefixes (``["2"]`` matches ``2.weight``, not ``20.weight``) or a callable ``name -> bool``.
     """
     named = dict(model.named_parameters())
     if adapt == "all":
@@ -290,8 +288,7 @@ class MAML:
     """MAML and its relatives as one outer update: Adam (or any optimizer) on :func:`maml_loss`.
 
     * MAML: ``MAML(inner_steps, inner_lr)``; FOMAML: ``first_order=True``;
-    * ANIL: ``adapt="head"`` (only the head is adapted in the inner loop; the optimizer still
-      meta-learns the body);
+    * ANIL: ``adapt="head"`` (only the head is adapted in the inner loop; the optimizer still meta-learns the body);
     * Meta-SGD: ``inner_lr=init_meta_sgd_lrs(params)`` (give the rates to the optimizer too).
 
     ``adapt`` is a :func:`split_params` spec; ``loss_fn`` the per-example loss of both loops.
@@ -365,11 +362,10 @@ def meta_train(model: nn.Module, method: MetaMethod, sample_batch: Callable[[int
     """The meta-training loop: sample a meta-batch, take one outer step, validate, keep the best.
 
     ``method``: :class:`MAML` (MAML, FOMAML, ANIL, Meta-SGD), :class:`Reptile` or any :class:`MetaMethod`.
-    ``sample_batch(step) -> TaskBatch``: the caller owns the randomness, so runs are reproducible.
-    ``optimizer``: the outer optimizer (MAML family). ``validate() -> score`` runs after every
-    ``every`` steps and the last; ``stop`` (:class:`mrec_utils.train.EarlyStopping`, required with it)
-    decides what is better and when to stop; the best state of ``keep`` (default the model; or a dict
-    of tensors, e.g. with Meta-SGD rates) is restored at the end.
+    ``sample_batch(step) -> TaskBatch``: the caller owns the randomness, so runs are reproducible. ``optimizer``: the
+    outer optimizer (MAML family). ``validate() -> score`` runs after every ``every`` steps and the last; ``stop``
+    (:class:`mrec_utils.train.EarlyStopping`, required with it) decides what is better and when to stop; the best state
+    of ``keep`` (default the model; or a dict of tensors, e.g. with Meta-SGD rates) is restored at the end.
     """
     if validate is not None and stop is None:
         raise ValueError("meta_train: validate= needs stop= (a train.EarlyStopping) to decide which state is best.")

@@ -251,9 +251,8 @@ def _with_one(f: Tensor) -> Tensor:
 def fit_biased_mf(users: np.ndarray, items: np.ndarray, ratings: np.ndarray, shape: tuple[int, int], *,
                   dim: int = 16, reg: float = 5.0, iters: int = 10, seed: int = 0,
                   device: torch.device | str | None = None) -> BiasedMF:
-    """Biased MF by alternating least squares (ridge ``reg`` per user, then per item, ``iters`` times) of the
-    ratings of ``users``, ``items`` (indices into ``shape = (n_users, n_items)``); item factors start
-    normal (std 0.1, seeded)."""
+    """Biased MF by alternating least squares (ridge ``reg`` per user, then per item, ``iters`` times) of the ratings of
+    ``users``, ``items`` (indices into ``shape = (n_users, n_items)``); item factors start normal (std 0.1, seeded)."""
     if not reg > 0:
         raise ValueError(f"reg must be a positive number (the ridge penalty), got {reg!r}.")
     n_users, n_items = shape

@@ -5,27 +5,25 @@
 >>> check_no_leakage(split, test_eps).raise_if_bad()
 >>> batch = collate_episodes(test_eps[:32], item_index=ItemIndex.from_ids(ratings.item_id))
 
-Input: a ratings frame with ``user_id``, ``item_id`` (ints), ``rating`` and ``timestamp`` (datetime64
-or numbers), one row per (user, item), as :func:`mrec_utils.data.load_movielens` returns. Rows are
-ordered by (user_id, timestamp, item_id) everywhere, so no result depends on the input's row order.
+Input: a ratings frame with ``user_id``, ``item_id`` (ints), ``rating`` and ``timestamp`` (datetime64 or numbers), one
+row per (user, item), as :func:`mrec_utils.data.load_movielens` returns. Rows are ordered by (user_id, timestamp,
+item_id) everywhere, so no result depends on the input's row order.
 
-A scenario (:data:`SCENARIOS`) says what meta-training may use (``split.train``) and, for each
-evaluation user, which candidate interactions may be *support* and which *query* (the flags
-``can_support`` / ``can_query`` of ``split.val`` / ``split.test``). Evaluation users need
-``min_ratings`` to ``max_ratings`` candidates (MeLU's 13 and 100).
+A scenario (:data:`SCENARIOS`) says what meta-training may use (``split.train``) and, for each evaluation user, which
+candidate interactions may be *support* and which *query* (the flags ``can_support`` / ``can_query`` of ``split.val`` /
+``split.test``). Evaluation users need ``min_ratings`` to ``max_ratings`` candidates (MeLU's 13 and 100).
 
-* ``"user-cold"``: test and validation users drawn at random; ``train`` = every other user's
-  interactions; support and query from all of an evaluation user's interactions.
-* ``"item-cold"`` (MeLU): an item is *new* if first rated strictly after the cutoff, the
-  ``item_cutoff_quantile`` quantile of all timestamps; ``train`` = every interaction on an old item.
-  Evaluation users have rated an old item; ``cold_support="new"`` draws support and query from their
-  ratings of new items, ``"old"`` the support from old items. All eligible users are evaluation
-  users, divided ``val_frac : test_frac``.
-* ``"user+item-cold"``: new items as in item-cold, users drawn as in user-cold; ``train`` = the other
-  users' ratings of old items.
-* ``"temporal"``: per user, the last ``temporal_query_size`` interactions are the query pool, the
-  earlier ones the support pool; ``train`` = all but the evaluation users' query pools (SASRec's
-  "leave the last n out"; item-cold is the global time cut).
+* ``"user-cold"``: test and validation users drawn at random; ``train`` = every other user's interactions; support and
+  query from all of an evaluation user's interactions.
+* ``"item-cold"`` (MeLU): an item is *new* if first rated strictly after the cutoff, the ``item_cutoff_quantile``
+  quantile of all timestamps; ``train`` = every interaction on an old item. Evaluation users have rated an old item;
+  ``cold_support="new"`` draws support and query from their ratings of new items, ``"old"`` the support from old items.
+  All eligible users are evaluation users, divided ``val_frac : test_frac``.
+* ``"user+item-cold"``: new items as in item-cold, users drawn as in user-cold; ``train`` = the other users' ratings of
+  old items.
+* ``"temporal"``: per user, the last ``temporal_query_size`` interactions are the query pool, the earlier ones the
+  support pool; ``train`` = all but the evaluation users' query pools (SASRec's "leave the last n out"; item-cold is the
+  global time cut).
 """
 
 from __future__ import annotations
@@ -338,9 +336,8 @@ class Episode:
 
 @dataclass(frozen=True)
 class EpisodePreset:
-    """Episode sizes. ``k_support=None``: every support candidate left after the query (and
-    ``n_query=None`` the converse). Users with a candidate count outside ``[min_ratings,
-    max_ratings]`` (None: no bound) are skipped."""
+    """Episode sizes. ``k_support=None``: every support candidate left after the query (and ``n_query=None`` the
+    converse). Users with a candidate count outside ``[min_ratings, max_ratings]`` (None: no bound) are skipped."""
 
     name: str
     k_support: int | None
@@ -469,13 +466,12 @@ def make_episodes(source: Split | pd.DataFrame, users: str | Sequence[int] | np.
                   preset: str | EpisodePreset | None = None, **sizes: int | None) -> list[Episode]:
     """One support/query episode per user, drawn with a generator seeded by (seed, user_id).
 
-    ``source``: a :class:`Split` (its evaluation users, with ``can_support`` / ``can_query``; ``users``
-    may be "train", "val" or "test") or a ratings DataFrame (``users=None``: all; ``query_pool``: the
-    item ids that may be queried). Sizes: ``preset`` ("melu") or ``k_support`` and ``n_query`` (None:
-    all that remain), optionally ``min_ratings`` / ``max_ratings``. ``order="time"``: support before
-    query (with k given, the query starts at the first candidate with k support candidates before it,
-    the support the k latest of those; with ``k_support=None`` the query is the latest n). Users short
-    of ratings raise :class:`NotEnoughRatingsError`, or are skipped with ``on_short="skip"``.
+    ``source``: a :class:`Split` (its evaluation users, with ``can_support`` / ``can_query``; ``users`` may be "train",
+    "val" or "test") or a ratings DataFrame (``users=None``: all; ``query_pool``: the item ids that may be queried).
+    Sizes: ``preset`` ("melu") or ``k_support`` and ``n_query`` (None: all that remain), optionally ``min_ratings`` /
+    ``max_ratings``. ``order="time"``: support before query (with k given, the query starts at the first candidate with
+    k support candidates before it, the support the k latest of those; with ``k_support=None`` the query is the latest
+    n). Users short of ratings raise :class:`NotEnoughRatingsError`, or are skipped with ``on_short="skip"``.
     """
     p = _sizes(preset, sizes)
     _need(order in ("random", "time"), f"order must be 'random' or 'time', got {order!r}")
@@ -761,11 +757,10 @@ def check_no_leakage(split: Split, episodes: Sequence[Episode] | None = None,
                      tags: pd.DataFrame | None = None) -> LeakageReport:
     """Re-check a split (and its evaluation episodes, tags) for leakage from scratch; a :class:`LeakageReport`.
 
-    Split: val and test users disjoint; no query candidate in ``train``; user-cold and
-    user+item-cold: no evaluation user in ``train``; item scenarios: no new item in ``train``,
-    queries only on new items, no new item rated at or before the cutoff; temporal: per evaluation
-    user, every support-pool and training time <= every query-pool time. Episodes: no item in both
-    sets (or twice in one), no query in ``train``, the scenario's rules. Tags: none that
+    Split: val and test users disjoint; no query candidate in ``train``; user-cold and user+item-cold: no evaluation
+    user in ``train``; item scenarios: no new item in ``train``, queries only on new items, no new item rated at or
+    before the cutoff; temporal: per evaluation user, every support-pool and training time <= every query-pool time.
+    Episodes: no item in both sets (or twice in one), no query in ``train``, the scenario's rules. Tags: none that
     :func:`visible_tags` would drop.
     """
     rep = LeakageReport(scenario=split.scenario)

@@ -1,8 +1,7 @@
-"""Training helpers: seeding, device choice, a version line, ties in a validation grid, early
-stopping, progress bars.
+"""Training helpers: seeding, device choice, a version line, ties in a validation grid, early stopping, progress bars.
 
-Environment variables: ``MREC_DEVICE`` (the device :func:`get_device` picks when given none, e.g.
-``cpu`` on a GPU machine) and ``MREC_NO_PROGRESS=1`` (no :func:`progress` bars: CI, stored notebooks).
+Environment variables: ``MREC_DEVICE`` (the device :func:`get_device` picks when given none, e.g. ``cpu`` on a GPU
+machine) and ``MREC_NO_PROGRESS=1`` (no :func:`progress` bars: CI, stored notebooks).
 """
 
 from __future__ import annotations
@@ -114,8 +113,7 @@ class EarlyStopping:
     def step(self, value: float, state: State | None = None) -> bool:
         """Record one validation value (and the current ``state``); True when training should stop.
 
-        Raises:
-            ValueError: if ``value`` is NaN (training diverged; lower the learning rate).
+        Raises: ValueError: if ``value`` is NaN (training diverged; lower the learning rate).
         """
         value = float(value.item() if hasattr(value, "item") else value)
         if math.isnan(value):
