@@ -518,8 +518,7 @@ def load_movielens(name: str = DEFAULT_RELEASE, data_dir: str | os.PathLike | No
     ``data_dir`` (a folder with ``<name>.zip`` or ``<name>/``) is searched before ``$MREC_DATA_DIR``
     and the user cache; without a copy, ``download`` fetches the official archive into the cache.
     Raises ValueError (unknown name), DataNotFoundError (no copy: says the URL and where to put
-    it), ChecksumError, MalformedFileError or CorruptArchiveError (damaged data).
-    """
+    it), ChecksumError, MalformedFileError or CorruptArchiveError (damaged data)."""
     if not isinstance(name, str):
         raise TypeError(f"name must be a release name (str), got {type(name).__name__}; valid names: "
                         f"{', '.join(available_releases())}")
@@ -564,8 +563,7 @@ def item_text(items: pd.DataFrame, tags: pd.DataFrame | None = None, max_tags: i
 
     ``items``, ``tags``: :attr:`MovieLens.items` and :attr:`MovieLens.tags` (or frames with their
     columns). Parts without data are left out. Tags are lower-cased, whitespace-normalised and
-    counted once per user; the ``max_tags`` most frequent are kept, ties alphabetical.
-    """
+    counted once per user; the ``max_tags`` most frequent are kept, ties alphabetical."""
     for frame, cols, what in ((items, ("item_id", "title", "genres"), "items"), (tags, ("item_id", "tag"), "tags")):
         missing = [] if frame is None else [c for c in cols if c not in frame.columns]
         if missing:

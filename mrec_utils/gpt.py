@@ -71,8 +71,7 @@ def make_item_gpt(n_items: int, settings: ItemGPTSettings = ItemGPTSettings(), s
     The output layer shares its weights with the token embeddings (GPT-2's weight tying), so every film has one vector
     used both to read it and to score it. ``seed`` seeds the initial weights (the global torch RNG is left as it was);
     ``item_vectors`` ([n_items, n_embd], e.g. from :func:`cooccurrence_embeddings`) replace the film embeddings, centred
-    and rescaled to GPT-2's initial standard deviation (``initializer_range`` = 0.02).
-    """
+    and rescaled to GPT-2's initial standard deviation (``initializer_range`` = 0.02)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     s = settings
@@ -119,8 +118,7 @@ def train_epoch(model: GPT2LMHeadModel, opt: torch.optim.Optimizer, windows: lis
                 rng: np.random.Generator) -> float:
     """One pass over the windows in an order drawn from ``rng``; returns the mean cross-entropy per predicted film.
 
-    Dropout draws from the global torch RNG (seed it for a reproducible epoch).
-    """
+    Dropout draws from the global torch RNG (seed it for a reproducible epoch)."""
     device = next(model.parameters()).device
     model.train()
     order = rng.permutation(len(windows))
@@ -166,8 +164,7 @@ def train_item_gpt(
     Ensemble members train in lockstep, each with its own AdamW state and shuffling (seed ``seed + i``);
     validation scores the ensemble as a whole and every member is restored to its best epoch. ``val``
     only decides *which epoch* is kept: the trajectory is the same without it. ``seed`` also seeds the
-    dropout masks (the global torch RNG is restored afterwards). Models are left in eval mode.
-    """
+    dropout masks (the global torch RNG is restored afterwards). Models are left in eval mode."""
     from .train import EarlyStopping
     from .train import progress as progress_bar
 
@@ -265,8 +262,7 @@ def build_item_vocab(ratings: pd.DataFrame, min_count: int = 5) -> np.ndarray:
 
     Build it from the *training* users only, so that held-out users cannot influence which films
     exist (SASRec-style preprocessing drops rare items for the same reason: a sequence model
-    cannot learn a token it has seen a handful of times).
-    """
+    cannot learn a token it has seen a handful of times)."""
     counts = ratings["item_id"].value_counts()
     return np.sort(counts.index[counts.to_numpy() >= min_count].to_numpy().astype(np.int64))
 
@@ -279,8 +275,7 @@ def user_sequences(ratings: pd.DataFrame, item_ids: np.ndarray | None = None,
 
     Same-second ratings (a user rating a page of films at once) are ordered by a key seeded with
     ``seed``, not by film id: ids follow the order films entered the catalogue, and a model could
-    learn "the next id is larger". The row order of ``ratings`` does not matter.
-    """
+    learn "the next id is larger". The row order of ``ratings`` does not matter."""
     missing = {"user_id", "item_id", "timestamp"} - set(ratings.columns)
     if missing:
         raise ValueError(f"ratings is missing the column(s) {sorted(missing)}; pass data.load_movielens(...).ratings.")
@@ -306,8 +301,7 @@ def leave_last_out(sequences: ItemSequences | Sequence[np.ndarray], n_last: int 
     films before it gives history ``s[:t]`` and target ``s[t]`` (``n_last=1``: the classic protocol).
 
     Returns ``(histories, targets, owner)``: history arrays, int64 targets [n_cases] and the position
-    of each case's user in ``sequences`` [n_cases] (a user's cases consecutive, oldest first).
-    """
+    of each case's user in ``sequences`` [n_cases] (a user's cases consecutive, oldest first)."""
     seqs = _as_list(sequences)
     hist, targets, owner = [], [], []
     for i, s in enumerate(seqs):
@@ -450,8 +444,7 @@ def evaluate_next_item(scores: np.ndarray, histories: Sequence[np.ndarray], targ
     Full catalogue: every film but the history's is ranked; ``HR@k`` and ``nDCG@k = 1 / log2(rank + 1)``
     (:func:`mrec_utils.metrics.topk_metrics`). Sampled (unless ``n_negatives=None``): the target
     against :func:`sample_negatives`, ties counted halfway (:func:`mrec_utils.metrics.rank_of`).
-    Returns float64 [n] arrays ``full_hr``, ``full_ndcg`` and ``sampled_hr``, ``sampled_ndcg``, ``sampled_rank``.
-    """
+    Returns float64 [n] arrays ``full_hr``, ``full_ndcg`` and ``sampled_hr``, ``sampled_ndcg``, ``sampled_rank``."""
     from . import metrics
 
     s = np.asarray(scores, dtype=np.float64)

@@ -81,8 +81,7 @@ def load_causal_lm(name: str | os.PathLike | None = None, device: str | torch.de
     ``name``: ``None`` for the offline default (:data:`DEFAULT_LM`; de-quantising it takes 15-25 s on a 2-core CPU), a
     Hugging Face model id (the Hub or the local HF cache), a model folder or a ``.gguf`` file. ``device``: ``None`` ->
     :func:`mrec_utils.train.get_device`; ``dtype`` e.g. ``"bfloat16"``. Raises :class:`ModelNotAvailableError` (saying
-    how to install or reach the model) or ``FileNotFoundError`` (a path that does not exist).
-    """
+    how to install or reach the model) or ``FileNotFoundError`` (a path that does not exist)."""
     from .train import get_device
 
     name = None if name is None else os.fspath(name)
@@ -202,8 +201,7 @@ def generate(lm: LoadedLM, prompt_or_messages: str | Messages | Sequence[str | M
     those (left-padded in batches of ``batch_size``; rarely, floating-point ties make batched output
     differ). ``chat``: ``None`` applies the chat template to message lists only, ``True`` also to a
     string; without a template, messages become a ``"User: ...\\nAssistant:"`` transcript.
-    ``repetition_penalty > 1`` discourages loops. ValueError: a prompt too long for the context.
-    """
+    ``repetition_penalty > 1`` discourages loops. ValueError: a prompt too long for the context."""
     single = isinstance(prompt_or_messages, str) or _is_messages(prompt_or_messages)
     items = [prompt_or_messages] if single else list(prompt_or_messages)
     tok, model = lm.tokenizer, lm.model
@@ -306,8 +304,7 @@ def embed_texts(
     vector moves by about 1e-15 across machines, thread counts or batch neighbours, where float32
     moves it by 1e-7, enough for a model trained on it to end elsewhere (``tests/test_portable.py``).
 
-    Raises TypeError for a single string; ValueError for a bad ``pooling`` or ``layers`` or an empty text.
-    """
+    Raises TypeError for a single string; ValueError for a bad ``pooling`` or ``layers`` or an empty text."""
     texts = _text_list(texts)
     if pooling not in ("mean", "last"):
         raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}.")
@@ -669,8 +666,7 @@ def parse_ranking(answer: Any, candidate_titles: Sequence[str]) -> list[int]:
       text when the answer names some candidate title (``"1. <a movie that is not a candidate>"``).
 
     Each candidate counts once (first mention); the rest follow in their original order, so the result is always a
-    permutation of ``range(n)``: malformed answers (``None``, garbage) give the original order.
-    """
+    permutation of ``range(n)``: malformed answers (``None``, garbage) give the original order."""
     cands = list(candidate_titles)
     if isinstance(answer, bytes):
         text = answer.decode("utf-8", "replace")

@@ -95,8 +95,7 @@ def inner_adapt(model: nn.Module, params: Mapping[str, Tensor], frozen: Mapping[
     ``mask_s [S]`` (None = all real); ``inner_lr`` may be Meta-SGD rates (a dict of tensors, ``⊙``).
 
     Differentiable w.r.t. ``params`` through the inner gradients (second order); works inside
-    ``torch.func.vmap``; under ``torch.no_grad()`` no graph is kept (evaluation).
-    """
+    ``torch.func.vmap``; under ``torch.no_grad()`` no graph is kept (evaluation)."""
     m = torch.ones(y_s.shape[:1], dtype=torch.bool, device=y_s.device) if mask_s is None else mask_s.bool()
     return _adapt(model, dict(params), dict(frozen or {}), _sanitize(x_s, m), _zero_padded(y_s, m), m,
                   loss_fn, steps, inner_lr, False)
@@ -113,8 +112,7 @@ def maml_loss(model: nn.Module, params: Mapping[str, Tensor], frozen: Mapping[st
     """The MAML meta-objective of a padded meta-batch, vectorised over tasks with ``vmap``:
     ``J = mean_i L_query_i(inner_adapt(params, support_i))`` over tasks with a query (Finn et al. sum;
     the mean only rescales the outer learning rate). Differentiable w.r.t. ``params``, ``frozen``
-    (ANIL's body) and Meta-SGD rates; ``first_order=True``: FOMAML.
-    """
+    (ANIL's body) and Meta-SGD rates; ``first_order=True``: FOMAML."""
     params, frozen = dict(params), dict(frozen or {})
 
     def one_task(xs, ys, ms, xq, yq, mq):
@@ -173,8 +171,7 @@ def reptile_step(model, params, frozen, batch: TaskBatch, *, loss_fn: LossFn, st
     """One batched Reptile update (Nichol et al. 2018, Algorithm 2): the new ``params`` (detached),
     ``phi + epsilon * mean_i(phi_i - phi)``, ``phi_i`` after ``steps`` SGD steps of size ``inner_lr`` on
     all of task i's data (``use_query=True``, the paper's setting) or its support only; tasks without
-    data are left out. :func:`load_params_` writes the result into the model.
-    """
+    data are left out. :func:`load_params_` writes the result into the model."""
     b = batch
     if use_query:
         x = tuple(torch.cat(p, 1) for p in zip(b.x_support, b.x_query)) if isinstance(b.x_support, tuple) \
@@ -204,8 +201,7 @@ def init_meta_sgd_lrs(params: Mapping[str, Tensor], init: float = 0.01) -> Param
 def split_params(model: nn.Module, adapt: AdaptSpec = "all") -> tuple[Params, Params]:
     """``(params, frozen)``: the model's own parameters (not copies) that the inner loop adapts, and the rest (which
     still get meta-gradients). ``adapt``: ``"all"`` (MAML, Reptile, Meta-SGD), ``"head"`` (the last ``nn.Linear``:
-    ANIL), name prefixes (``["2"]`` matches ``2.weight``, not ``20.weight``) or a callable ``name -> bool``.
-    """
+    ANIL), name prefixes (``["2"]`` matches ``2.weight``, not ``20.weight``) or a callable ``name -> bool``."""
     named = dict(model.named_parameters())
     if adapt == "all":
         select = lambda name: True  # noqa: E731
@@ -291,8 +287,7 @@ class MAML:
     * ANIL: ``adapt="head"`` (only the head is adapted in the inner loop; the optimizer still meta-learns the body);
     * Meta-SGD: ``inner_lr=init_meta_sgd_lrs(params)`` (give the rates to the optimizer too).
 
-    ``adapt`` is a :func:`split_params` spec; ``loss_fn`` the per-example loss of both loops.
-    """
+    ``adapt`` is a :func:`split_params` spec; ``loss_fn`` the per-example loss of both loops."""
 
     inner_steps: int = 1
     inner_lr: Rate | None = None
@@ -365,8 +360,7 @@ def meta_train(model: nn.Module, method: MetaMethod, sample_batch: Callable[[int
     ``sample_batch(step) -> TaskBatch``: the caller owns the randomness, so runs are reproducible. ``optimizer``: the
     outer optimizer (MAML family). ``validate() -> score`` runs after every ``every`` steps and the last; ``stop``
     (:class:`mrec_utils.train.EarlyStopping`, required with it) decides what is better and when to stop; the best state
-    of ``keep`` (default the model; or a dict of tensors, e.g. with Meta-SGD rates) is restored at the end.
-    """
+    of ``keep`` (default the model; or a dict of tensors, e.g. with Meta-SGD rates) is restored at the end."""
     if validate is not None and stop is None:
         raise ValueError("meta_train: validate= needs stop= (a train.EarlyStopping) to decide which state is best.")
     keep = model if keep is None else keep
@@ -406,8 +400,7 @@ def prototypical_logits(emb_support: Tensor, y_support: Tensor, emb_query: Tenso
     ``emb_support [..., S, D]`` (``...``: optional task dimensions), ``y_support [..., S]`` labels in
     ``0..n_classes-1``, ``emb_query [..., Q, D]``, ``mask_support [..., S]`` (True = real) or None.
     ``fallback_prototypes [C, D]`` (or ``[..., C, D]``, default the origin) stand in for a class
-    without support example (a ``-inf`` logit would give NaN gradients).
-    """
+    without support example (a ``-inf`` logit would give NaN gradients)."""
     emb_s, onehot = _class_onehot(emb_support, y_support, mask_support, n_classes)
     oh = onehot.to(emb_s.dtype)
     counts = oh.sum(-2)  # [..., C]
@@ -426,8 +419,7 @@ def matching_logits(emb_support: Tensor, y_support: Tensor, emb_query: Tensor, m
     task's real support examples (temperature 1 is the paper's kernel). A class without support
     example gets one pseudo example at ``fallback_embeddings[c]`` (default the zero vector, cosine 0),
     so every log-probability stays finite. Arguments as in :func:`prototypical_logits`; the
-    ``[..., Q, C]`` log-probabilities serve directly as logits in a cross-entropy loss.
-    """
+    ``[..., Q, C]`` log-probabilities serve directly as logits in a cross-entropy loss."""
     emb_s, onehot = _class_onehot(emb_support, y_support, mask_support, n_classes)
     s_n, q_n = F.normalize(emb_s, dim=-1, eps=eps), F.normalize(emb_query, dim=-1, eps=eps)
     sim = (q_n @ s_n.transpose(-1, -2)) / temperature  # [..., Q, S]

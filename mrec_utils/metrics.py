@@ -99,8 +99,7 @@ def ndcg_at_k_batch(y_true: ArrayLike, y_score: ArrayLike, k: int, gain: str = "
 
     ``y_true [n_rows, n_candidates]`` (or ``[n_candidates]``) grades >= 0, ``y_score`` the same shape,
     finite, higher first; ``k >= 1`` (larger than n_candidates: all); ``gain`` and ``ties`` as in the
-    module docstring; ``mask`` False for padding (removed from the ranking and the ideal).
-    """
+    module docstring; ``mask`` False for padding (removed from the ranking and the ideal)."""
     if gain not in ("exponential", "linear") or ties not in ("stable", "average"):
         raise ValueError(f"gain must be 'exponential' or 'linear' and ties 'stable' or 'average', got {gain!r}, {ties!r}.")
     t, s, k, m = _rank_inputs(y_true, y_score, k, mask)
@@ -127,8 +126,7 @@ def ndcg_at_k(y_true: ArrayLike, y_score: ArrayLike, k: int, gain: str = "expone
     """nDCG@k of one candidate list, or the mean over rows (arguments of :func:`ndcg_at_k_batch`).
 
     Example: grades [3, 2, 0], scores [0.1, 0.9, 0.5], k=3, exponential: ranked gains [3, 0, 7] give
-    DCG = 3 + 0 + 7/2 = 6.5; ideal [7, 3, 0] gives 7 + 3/log2(3); nDCG = 6.5 / 8.8928 = 0.7309.
-    """
+    DCG = 3 + 0 + 7/2 = 6.5; ideal [7, 3, 0] gives 7 + 3/log2(3); nDCG = 6.5 / 8.8928 = 0.7309."""
     return float(np.mean(ndcg_at_k_batch(y_true, y_score, k, gain=gain, ties=ties, mask=mask)))
 
 
@@ -167,8 +165,7 @@ def topk_metrics(scores: ArrayLike, relevant: ArrayLike, exclude: ArrayLike | No
 
     ``scores``, ``relevant`` and ``exclude`` (items removed from the ranking and the relevant ones,
     e.g. support items) are ``[n_users, n_items]``; users go in chunks of ``chunk_size``. Ties go to
-    the lower item index; the top k comes from ``np.partition`` (O(n_items) per user), then is sorted.
-    """
+    the lower item index; the top k comes from ``np.partition`` (O(n_items) per user), then is sorted."""
     s_all, r_all, k = _arr(scores, "scores"), _arr(relevant, "relevant", bool), _check_k(k)
     x_all = None if exclude is None else _arr(exclude, "exclude", bool)
     if s_all.ndim != 2 or r_all.shape != s_all.shape or (x_all is not None and x_all.shape != s_all.shape):
@@ -256,8 +253,7 @@ def _units(x: ArrayLike, name: str, n_boot: int, alpha: float) -> np.ndarray:
 def _boot_means(values: np.ndarray, n_boot: int, seed: int, clusters: np.ndarray | None = None) -> np.ndarray:
     """Means of ``n_boot`` resamples (with replacement) of ``values [n]``, in chunks of bounded size.
     With ``clusters [n]`` (e.g. the user of each (seed, user) value) whole clusters are resampled: one
-    user's values are not independent, and resampling them one by one gives too narrow an interval.
-    """
+    user's values are not independent, and resampling them one by one gives too narrow an interval."""
     rng = np.random.default_rng(seed)
     if clusters is None:
         sums, counts = values, None
@@ -304,8 +300,7 @@ def paired_bootstrap_ci(a: ArrayLike, b: ArrayLike, n_boot: int = 2000, alpha: f
     Units are resampled with replacement, the same resample for both methods, so the interval
     accounts for their correlation. The two-sided p-value comes from the bootstrap distribution
     shifted to the null: ``(1 + #{|m* - d| >= |d|}) / (n_boot + 1)``. ``clusters``: one id per unit
-    (e.g. the user of each (seed, user) pair); then whole clusters are resampled.
-    """
+    (e.g. the user of each (seed, user) pair); then whole clusters are resampled."""
     av, bv = _units(a, "a", n_boot, alpha), _units(b, "b", n_boot, alpha)
     if av.shape != bv.shape:
         raise ValueError(f"a and b must be aligned by unit, got shapes {av.shape} and {bv.shape}.")

@@ -37,8 +37,7 @@ class MeLURatingModel(torch.nn.Module):
     ``year_bucket [n_catalogue]``; ``n_item_rows``: warm items + 1 unknown row (0: no id embedding);
     ``user_cardinalities``: codes per user attribute (0 = unknown); ``offset``: the training mean rating.
     Parameter groups: ``genre_emb``, ``year_emb``, ``item_emb``, ``user_emb``, ``decision`` (hidden layers),
-    ``out``. ``features(x)`` is the last hidden layer (a prototypical head's embedding).
-    """
+    ``out``. ``features(x)`` is the last hidden layer (a prototypical head's embedding)."""
 
     def __init__(self, genre_matrix: np.ndarray, year_bucket: np.ndarray, n_year_buckets: int, n_item_rows: int = 0,
                  user_cardinalities: Sequence[int] = (), emb_dim: int = 16, hidden: Sequence[int] = (64, 32),

@@ -121,8 +121,7 @@ def system_diagram(ax, *, title: str | None = "How the pieces fit together") -> 
     """Draw the book's system diagram, five boxes in a loop: user data -> meta-learner -> language model (top row, left
     to right) -> recommendations -> feedback (bottom row, right to left) -> back, each arrow labelled with what travels
     along it, in plain matplotlib patches. ``ax``: limits ``[0, 14] x [0, 6.6]``, axis hidden (10 x 5 inches reads
-    well). Under each label: what the stage does and which chapters build it.
-    """
+    well). Under each label: what the stage does and which chapters build it."""
     w, h = 3.0, 1.7
     top, bottom = 4.2, 0.6
     # centres: top row left -> right, bottom row right -> left

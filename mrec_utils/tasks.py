@@ -251,8 +251,7 @@ def _draw_users(eligible: np.ndarray, scenario: str, s: SplitSettings) -> tuple[
 def make_split(ratings: pd.DataFrame, scenario: str, *, seed: int = 0, **settings) -> Split:
     """Split ``ratings`` (one row per user and item) for a cold-start ``scenario`` (module docstring);
     ``seed`` draws the evaluation users, ``settings`` are the other fields of :class:`SplitSettings`.
-    ValueError: unknown scenario, bad fractions, or a filter that leaves no evaluation user (named).
-    """
+    ValueError: unknown scenario, bad fractions, or a filter that leaves no evaluation user (named)."""
     _need(scenario in SCENARIOS, f"unknown scenario {scenario!r}; valid scenarios are: {', '.join(SCENARIOS)}")
     s = SplitSettings(seed=seed, **settings)
     df, t = _prepare(ratings)
@@ -309,8 +308,7 @@ class Episode:
     """One task: a user's support set (to adapt on) and query set (to be scored on).
 
     Raw item ids; each set in time order (ties by item id). Shapes: support_* (k,), query_* (n,);
-    items int64, ratings float64, times float64 seconds (numeric input timestamps as given).
-    """
+    items int64, ratings float64, times float64 seconds (numeric input timestamps as given)."""
 
     user_id: int
     support_items: np.ndarray
@@ -471,8 +469,7 @@ def make_episodes(source: Split | pd.DataFrame, users: str | Sequence[int] | np.
     Sizes: ``preset`` ("melu") or ``k_support`` and ``n_query`` (None: all that remain), optionally ``min_ratings`` /
     ``max_ratings``. ``order="time"``: support before query (with k given, the query starts at the first candidate with
     k support candidates before it, the support the k latest of those; with ``k_support=None`` the query is the latest
-    n). Users short of ratings raise :class:`NotEnoughRatingsError`, or are skipped with ``on_short="skip"``.
-    """
+    n). Users short of ratings raise :class:`NotEnoughRatingsError`, or are skipped with ``on_short="skip"``."""
     p = _sizes(preset, sizes)
     _need(order in ("random", "time"), f"order must be 'random' or 'time', got {order!r}")
     frame, users = _episode_frame(source, users, query_pool)
@@ -549,8 +546,7 @@ def collate_episodes(episodes: Sequence[Episode], *, item_index: ItemIndex | Non
 
     ``x [T, S]``: item indices (``item_index.encode``, padded with its ``pad_index``) or raw ids padded
     with -1; with ``featurize`` (indices ``[m]`` -> ``[m, ...]``, real items only) the features, zero
-    at padding. ``y``: ratings in torch's default dtype, 0 at padding.
-    """
+    at padding. ``y``: ratings in torch's default dtype, 0 at padding."""
     dev = torch.device("cpu") if device is None else torch.device(device)
     pad = -1 if item_index is None else item_index.pad_index
 
@@ -744,8 +740,7 @@ def visible_tags(split: Split, tags: pd.DataFrame) -> pd.DataFrame:
     Tags come from users, and a tag can say what its author thought of a film: a held-out user's tag
     leaks that user's test ratings into the film's text. Kept: tags by users the model may know (not the
     evaluation users of user-cold and user+item-cold), written at or before the split's cutoff (item
-    scenarios), and, in the temporal scenario, before each evaluation user's first query interaction.
-    """
+    scenarios), and, in the temporal scenario, before each evaluation user's first query interaction."""
     _need(isinstance(tags, pd.DataFrame) and {"user_id", "item_id", "tag", "timestamp"} <= set(tags.columns),
           "tags must be MovieLens.tags (user_id, item_id, tag, timestamp) from load_movielens()", TypeError)
     leaks = _tag_leaks(split, tags)
@@ -761,8 +756,7 @@ def check_no_leakage(split: Split, episodes: Sequence[Episode] | None = None,
     user in ``train``; item scenarios: no new item in ``train``, queries only on new items, no new item rated at or
     before the cutoff; temporal: per evaluation user, every support-pool and training time <= every query-pool time.
     Episodes: no item in both sets (or twice in one), no query in ``train``, the scenario's rules. Tags: none that
-    :func:`visible_tags` would drop.
-    """
+    :func:`visible_tags` would drop."""
     rep = LeakageReport(scenario=split.scenario)
     _check_split(split, rep)
     if episodes is not None:

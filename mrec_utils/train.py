@@ -94,8 +94,7 @@ State = nn.Module | Mapping[str, Tensor]
 class EarlyStopping:
     """Stop when a monitored value has not beaten the best by more than ``min_delta`` for ``patience``
     steps (None: never stop), ``mode`` "min" (a loss) or "max" (nDCG), and keep a copy of the best state.
-    Usage: ``if stopper.step(val_loss, model): break`` in the loop, ``stopper.restore(model)`` after it.
-    """
+    Usage: ``if stopper.step(val_loss, model): break`` in the loop, ``stopper.restore(model)`` after it."""
 
     patience: int | None = 5
     min_delta: float = TIE_TOL
@@ -113,8 +112,7 @@ class EarlyStopping:
     def step(self, value: float, state: State | None = None) -> bool:
         """Record one validation value (and the current ``state``); True when training should stop.
 
-        Raises: ValueError: if ``value`` is NaN (training diverged; lower the learning rate).
-        """
+        Raises: ValueError: if ``value`` is NaN (training diverged; lower the learning rate)."""
         value = float(value.item() if hasattr(value, "item") else value)
         if math.isnan(value):
             raise ValueError("monitored value is NaN: training diverged; lower the learning rate or check the loss.")
