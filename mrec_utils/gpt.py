@@ -149,14 +149,9 @@ class GPTTrainLog:
     seconds: float = 0.0
 
 
-def train_item_gpt(
-    model: GPT2LMHeadModel | list[GPT2LMHeadModel],
-    sequences: ItemSequences | list[np.ndarray],
-    settings: ItemGPTSettings = ItemGPTSettings(),
-    seed: int = 0,
-    val: tuple[list[np.ndarray], np.ndarray] | None = None,
-    progress: bool = True,
-) -> GPTTrainLog:
+def train_item_gpt(model: GPT2LMHeadModel | list[GPT2LMHeadModel], sequences: ItemSequences | list[np.ndarray],
+                   settings: ItemGPTSettings = ItemGPTSettings(), seed: int = 0,
+                   val: tuple[list[np.ndarray], np.ndarray] | None = None, progress: bool = True) -> GPTTrainLog:
     """Train an item-GPT (or an ensemble, in place) on the windows of ``sequences``: :func:`train_epoch`
     per epoch, then, with ``val = (histories, targets)`` of validation users, their full-catalogue
     nDCG@10 and early stopping (``settings.patience``).

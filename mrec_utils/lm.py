@@ -276,18 +276,9 @@ def _pad_id(tok: PreTrainedTokenizerBase) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def embed_texts(
-    texts: Sequence[str],
-    lm: LoadedLM | None = None,
-    *,
-    pooling: Literal["mean", "last"] = "mean",
-    batch_size: int = 32,
-    cache_dir: str | os.PathLike | None = None,
-    normalize: bool = True,
-    progress: bool = True,
-    layers: int | None = None,
-    use_cache: bool = True,
-) -> np.ndarray:
+def embed_texts(texts: Sequence[str], lm: LoadedLM | None = None, *, pooling: Literal["mean", "last"] = "mean",
+                batch_size: int = 32, cache_dir: str | os.PathLike | None = None, normalize: bool = True,
+                progress: bool = True, layers: int | None = None, use_cache: bool = True) -> np.ndarray:
     """Embed ``n`` texts with a causal LM's final hidden states: float64 ``[n, hidden]``, cached on disk per text.
 
     Each text is tokenised (special tokens included, at most 512 tokens), run through the backbone in
