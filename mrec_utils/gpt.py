@@ -59,9 +59,7 @@ class ItemGPTSettings:
     cooc_lasts: tuple[int, ...] = (1, 2, 5, 10)
 
 
-# ------------------------------------------------------------------------------------------------
-# the model, one batch, one epoch
-# ------------------------------------------------------------------------------------------------
+# ============================================================================ the model, one batch, one epoch
 
 
 def make_item_gpt(n_items: int, settings: ItemGPTSettings = ItemGPTSettings(), seed: int = 0,
@@ -215,9 +213,7 @@ def score_next_items(model: GPT2LMHeadModel | list[GPT2LMHeadModel], histories: 
     return out
 
 
-# ------------------------------------------------------------------------------------------------
-# the data: vocabulary, user sequences, evaluation cases, training windows
-# ------------------------------------------------------------------------------------------------
+# ============================================================================ the data: vocabulary, user sequences, evaluation cases, training windows
 
 
 @dataclass
@@ -332,9 +328,7 @@ def per_user_mean(values: np.ndarray, owner: np.ndarray) -> np.ndarray:
     return np.bincount(user_pos, weights=values) / np.bincount(user_pos)
 
 
-# ------------------------------------------------------------------------------------------------
-# baselines: popularity and co-occurrence
-# ------------------------------------------------------------------------------------------------
+# ============================================================================ baselines: popularity and co-occurrence
 
 
 def popularity_scores(sequences: ItemSequences | Sequence[np.ndarray], n_items: int) -> np.ndarray:
@@ -405,9 +399,7 @@ def cooccurrence_embeddings(counts: np.ndarray, dim: int, seed: int = 0) -> np.n
     return u * np.sqrt(sv)
 
 
-# ------------------------------------------------------------------------------------------------
-# evaluation
-# ------------------------------------------------------------------------------------------------
+# ============================================================================ evaluation
 
 
 def history_mask(histories: Sequence[np.ndarray], n_items: int) -> np.ndarray:

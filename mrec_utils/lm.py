@@ -24,7 +24,7 @@ import re
 import tempfile
 import unicodedata
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -69,9 +69,7 @@ class LoadedLM:
     device: torch.device
 
 
-# ----------------------------------------------------------------------------------------------
-# loading
-# ----------------------------------------------------------------------------------------------
+# ============================================================================ loading
 
 
 def load_causal_lm(name: str | os.PathLike | None = None, device: str | torch.device | None = None,
@@ -187,9 +185,7 @@ def _quiet_transformers_bars() -> Iterator[None]:
             tlog.enable_progress_bar()
 
 
-# ----------------------------------------------------------------------------------------------
-# generation
-# ----------------------------------------------------------------------------------------------
+# ============================================================================ generation
 
 
 def generate(lm: LoadedLM, prompt_or_messages: str | Messages | Sequence[str | Messages], max_new_tokens: int = 64,
@@ -219,17 +215,21 @@ def generate(lm: LoadedLM, prompt_or_messages: str | Messages | Sequence[str | M
     model.eval()  # no dropout, whatever state the caller left the model in
     with torch.inference_mode():
         for start in range(0, len(encoded), batch_size):
-            chunk = encoded[start : start + batch_size]
-            width = max(len(c) for c in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, c in enumerate(chunk):  # left padding: the last prompt token is at the right edge
-                ids[r, width - len(c) :] = torch.tensor(c, dtype=torch.long)
-                mask[r, width - len(c) :] = 1
+            ids, mask = _padded(encoded[start : start + batch_size], pad, left=True)  # the last prompt token at the edge
             out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), **gen_kw)
-            outputs.extend(t.strip() for t in tok.batch_decode(out[:, width:].cpu(), skip_special_tokens=True))
+            outputs.extend(t.strip() for t in tok.batch_decode(out[:, ids.shape[1]:].cpu(), skip_special_tokens=True))
     model.train(was_training)
     return outputs[0] if single else outputs
+
+
+def _padded(rows: list[list[int]], pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, attention mask)``, int64 ``[n, longest row]``: token id lists padded with ``pad`` on the left or right."""
+    width = max(len(r) for r in rows)
+    ids, mask = torch.full((len(rows), width), pad, dtype=torch.long), torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        cols = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, cols], mask[i, cols] = torch.tensor(r, dtype=torch.long), 1
+    return ids, mask
 
 
 def _is_messages(x: Any) -> bool:
@@ -271,9 +271,7 @@ def _pad_id(tok: PreTrainedTokenizerBase) -> int:
     return int(next((p for p in (tok.pad_token_id, tok.eos_token_id) if p is not None), 0))
 
 
-# ----------------------------------------------------------------------------------------------
-# embeddings with a disk cache
-# ----------------------------------------------------------------------------------------------
+# ============================================================================ embeddings with a disk cache
 
 
 def embed_texts(texts: Sequence[str], lm: LoadedLM | None = None, *, pooling: Literal["mean", "last"] = "mean",
@@ -296,7 +294,9 @@ def embed_texts(texts: Sequence[str], lm: LoadedLM | None = None, *, pooling: Li
     moves it by 1e-7, enough for a model trained on it to end elsewhere (``tests/test_portable.py``).
 
     Raises TypeError for a single string; ValueError for a bad ``pooling`` or ``layers`` or an empty text."""
-    texts = _text_list(texts)
+    if isinstance(texts, (str, bytes)):
+        raise TypeError("texts must be a sequence of strings; wrap a single string in a list: [text].")
+    texts = list(texts)
     if pooling not in ("mean", "last"):
         raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}.")
     if lm is None and use_cache:
@@ -334,12 +334,6 @@ def embed_texts(texts: Sequence[str], lm: LoadedLM | None = None, *, pooling: Li
     return _finish_rows([found[k] for k in keys], normalize)
 
 
-def _text_list(texts: Sequence[str]) -> list[str]:
-    if isinstance(texts, (str, bytes)):
-        raise TypeError("texts must be a sequence of strings; wrap a single string in a list: [text].")
-    return list(texts)
-
-
 def _embed_new(lm: LoadedLM, todo: dict[bytes, str], pooling: str, batch_size: int, max_len: int,
                layers: int | None, folder: Path | None, progress: bool) -> dict[bytes, np.ndarray]:
     """Run the model (in float64) over the texts of ``todo`` (key -> text); store and return the raw vectors."""
@@ -362,13 +356,7 @@ def _embed_new(lm: LoadedLM, todo: dict[bytes, str], pooling: str, batch_size: i
     try:
         with torch.inference_mode(), _first_blocks(model, layers):
             for b, batch in enumerate(progress_bar(batches, desc="embedding texts", disable=not progress)):
-                width = max(len(enc[j]) for j in batch)
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for r, j in enumerate(batch):  # right padding: positions 0..len-1 as in training
-                    ids[r, : len(enc[j])] = torch.tensor(enc[j], dtype=torch.long)
-                    mask[r, : len(enc[j])] = 1
-                ids, mask = ids.to(dev), mask.to(dev)
+                ids, mask = (t.to(dev) for t in _padded([enc[j] for j in batch], pad, left=False))  # positions 0..len-1
                 h = _backbone_hidden(model, ids, mask)
                 if pooling == "mean":
                     m = mask.unsqueeze(-1).to(h.dtype)
@@ -499,20 +487,24 @@ def _read_store(folder: Path) -> tuple[dict[bytes, tuple[int, int]], list[np.nda
     return index, vectors, paths
 
 
-def _write_shard(folder: Path, keys: list[bytes], vecs: np.ndarray) -> Path:
-    """Write one shard atomically (a temporary file, then a rename); its name hashes its keys."""
-    karr = np.array(keys, dtype="S32")
-    path = folder / f"shard-{hashlib.sha256(karr.tobytes()).hexdigest()[:24]}.npz"
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+def _write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write ``path`` through a temporary file in its folder, then a rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, keys=karr, vectors=vecs.astype(np.float64, copy=False))
+        with os.fdopen(fd, mode) as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_shard(folder: Path, keys: list[bytes], vecs: np.ndarray) -> Path:
+    """Write one shard atomically; its name hashes its keys."""
+    karr = np.array(keys, dtype="S32")
+    path = folder / f"shard-{hashlib.sha256(karr.tobytes()).hexdigest()[:24]}.npz"
+    _write_atomic(path, lambda f: np.savez(f, keys=karr, vectors=vecs.astype(np.float64, copy=False)))
     return path
 
 
@@ -563,12 +555,7 @@ def _write_default_record(cache_dir: str | os.PathLike | None, fingerprint: str,
         return
     record = {"source": source, "fingerprint": fingerprint, "hidden": hidden, "n_ctx": n_ctx,
               "n_blocks": len(_blocks(model)[2])}
-    path = _default_record_path(cache_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f)
-    os.replace(tmp, path)
+    _write_atomic(_default_record_path(cache_dir), lambda f: json.dump(record, f), mode="w")
 
 
 def _serve_default_from_cache(texts: list[str], pooling: str, layers: int | None, normalize: bool,
@@ -595,9 +582,7 @@ def _serve_default_from_cache(texts: list[str], pooling: str, layers: int | None
     return _finish_rows([vectors[s][r] for s, r in where], normalize)
 
 
-# ----------------------------------------------------------------------------------------------
-# prompts and answer parsing
-# ----------------------------------------------------------------------------------------------
+# ============================================================================ prompts and answer parsing
 
 
 def ranking_prompt(history_titles: Sequence[str], candidate_titles: Sequence[str], max_history: int = 20) -> Messages:
