@@ -175,9 +175,8 @@ ML1M_OCCUPATIONS: dict[int, str] = {
 }
 
 #: ml-1m ``users.dat`` age-group codes (each code is the group's lower bound; 1 = under 18).
-ML1M_AGE_GROUPS: dict[int, str] = {
-    1: "Under 18", 18: "18-24", 25: "25-34", 35: "35-44", 45: "45-49", 50: "50-55", 56: "56+",
-}
+ML1M_AGE_GROUPS: dict[int, str] = {1: "Under 18", 18: "18-24", 25: "25-34", 35: "35-44", 45: "45-49", 50: "50-55",
+                                   56: "56+"}
 
 
 def available_releases() -> list[str]:
@@ -340,13 +339,11 @@ def _download(release: Release, dest_dir: Path, progress: bool = True) -> Path:
 # ============================================================================ parsing
 
 #: column kinds: dtype for pandas, the allowed values (None: any) and what a reader must fix
-_KINDS = {
-    "int": ("int64", None, "an integer"), "float": ("float64", None, "a finite number"),
-    "flag": ("int8", (0, 1), "a 0/1 flag"), "gender": ("str", ("M", "F"), "M or F"),
-    "text": ("str", None, "text"), "nonempty": ("str", None, "non-empty text"),
-    "age": ("int64", tuple(ML1M_AGE_GROUPS), "one of the documented codes"),
-    "occupation": ("int64", tuple(ML1M_OCCUPATIONS), "one of the documented codes"),
-}
+_KINDS = {"int": ("int64", None, "an integer"), "float": ("float64", None, "a finite number"),
+          "flag": ("int8", (0, 1), "a 0/1 flag"), "gender": ("str", ("M", "F"), "M or F"),
+          "text": ("str", None, "text"), "nonempty": ("str", None, "non-empty text"),
+          "age": ("int64", tuple(ML1M_AGE_GROUPS), "one of the documented codes"),
+          "occupation": ("int64", tuple(ML1M_OCCUPATIONS), "one of the documented codes")}
 
 
 @dataclass(frozen=True)

@@ -73,11 +73,9 @@ def make_item_gpt(n_items: int, settings: ItemGPTSettings = ItemGPTSettings(), s
     from transformers import GPT2Config, GPT2LMHeadModel
 
     s = settings
-    config = GPT2Config(
-        vocab_size=n_items + 1, n_positions=s.max_len, n_embd=s.n_embd, n_layer=s.n_layer, n_head=s.n_head,
-        resid_pdrop=s.dropout, embd_pdrop=s.dropout, attn_pdrop=s.dropout,
-        bos_token_id=PAD_TOKEN, eos_token_id=PAD_TOKEN, pad_token_id=PAD_TOKEN, use_cache=False,
-    )
+    config = GPT2Config(vocab_size=n_items + 1, n_positions=s.max_len, n_embd=s.n_embd, n_layer=s.n_layer,
+                        n_head=s.n_head, resid_pdrop=s.dropout, embd_pdrop=s.dropout, attn_pdrop=s.dropout,
+                        bos_token_id=PAD_TOKEN, eos_token_id=PAD_TOKEN, pad_token_id=PAD_TOKEN, use_cache=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)
@@ -107,9 +105,8 @@ def next_item_loss(model: GPT2LMHeadModel, tokens: torch.Tensor, mask: torch.Ten
     (:func:`pad_batch`) from the ones before it: labels are the inputs shifted by one, padding -100."""
     logits = model(input_ids=tokens, attention_mask=mask.long()).logits  # [B, L, V]
     labels = tokens[:, 1:].masked_fill(~mask[:, 1:], IGNORE_INDEX)  # [B, L-1]
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
-    )
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=IGNORE_INDEX)
 
 
 def train_epoch(model: GPT2LMHeadModel, opt: torch.optim.Optimizer, windows: list[np.ndarray], batch_size: int,

@@ -598,10 +598,8 @@ def ranking_prompt(history_titles: Sequence[str], candidate_titles: Sequence[str
         + f"\nRank all {len(cands)} candidates by how likely the user is to enjoy them, best first. "
         + f"Answer only with the candidate numbers separated by commas, for example: {example}"
     )
-    return [
-        {"role": "system", "content": "You are a movie recommender. You answer briefly."},
-        {"role": "user", "content": user},
-    ]
+    return [{"role": "system", "content": "You are a movie recommender. You answer briefly."},
+            {"role": "user", "content": user}]
 
 
 def explanation_prompt(history_titles: Sequence[str], item_text: str, max_history: int = 10) -> Messages:
@@ -614,10 +612,8 @@ def explanation_prompt(history_titles: Sequence[str], item_text: str, max_histor
         + "In one sentence, explain why this movie suits the user. Use only the facts listed above "
         + "(titles, years, genres); do not invent plot details, actors or awards."
     )
-    return [
-        {"role": "system", "content": "You are a movie recommender that explains its suggestions honestly."},
-        {"role": "user", "content": user},
-    ]
+    return [{"role": "system", "content": "You are a movie recommender that explains its suggestions honestly."},
+            {"role": "user", "content": user}]
 
 
 def _history_lines(history: list[str], max_history: int) -> str:

@@ -332,9 +332,8 @@ class Reptile:
 
     def update(self, model, batch, optimizer, progress):
         params, frozen = split_params(model, self.adapt)
-        new = reptile_step(model, params, frozen, batch, loss_fn=self.loss_fn,
-                           steps=self.inner_steps, inner_lr=self.inner_lr, epsilon=self.epsilon * (1 - progress),
-                           use_query=self.use_query)
+        new = reptile_step(model, params, frozen, batch, loss_fn=self.loss_fn, steps=self.inner_steps,
+                           inner_lr=self.inner_lr, epsilon=self.epsilon * (1 - progress), use_query=self.use_query)
         load_params_(model, new)
         return None
 

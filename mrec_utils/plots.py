@@ -155,9 +155,8 @@ def system_diagram(ax, *, title: str | None = "How the pieces fit together") -> 
         ax.add_patch(arrow)
         mx, my = (start[0] + end[0]) / 2, (start[1] + end[1]) / 2
         horizontal = abs(end[1] - start[1]) < 1e-9
-        ax.text(mx + (0 if horizontal else (0.25 if end[0] > start[0] else -0.25)),
-                my + (0.22 if horizontal else 0.0), flow,
-                ha="center" if horizontal else ("left" if end[0] > start[0] else "right"),
+        ax.text(mx + (0 if horizontal else (0.25 if end[0] > start[0] else -0.25)), my + (0.22 if horizontal else 0.0),
+                flow, ha="center" if horizontal else ("left" if end[0] > start[0] else "right"),
                 va="bottom" if horizontal else "center", fontsize=8.5, color="#444444")
         out.arrows.append((a, b, start, end))
         out.arrow_patches.append(arrow)
