@@ -27,6 +27,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import metrics, train
+
 if TYPE_CHECKING:  # transformers is imported when a GPT is made, not with this module
     from transformers import GPT2LMHeadModel
 
@@ -155,20 +157,17 @@ def train_item_gpt(model: GPT2LMHeadModel | list[GPT2LMHeadModel], sequences: It
     validation scores the ensemble as a whole and every member is restored to its best epoch. ``val``
     only decides *which epoch* is kept: the trajectory is the same without it. ``seed`` also seeds the
     dropout masks (the global torch RNG is restored afterwards). Models are left in eval mode."""
-    from .train import EarlyStopping
-    from .train import progress as progress_bar
-
     members = list(model) if isinstance(model, (list, tuple)) else [model]
     windows = training_windows(sequences, members[0].config.n_positions)
     log = GPTTrainLog()
-    stopper = EarlyStopping(patience=settings.patience, mode="max") if val is not None else None
+    stopper = train.EarlyStopping(patience=settings.patience, mode="max") if val is not None else None
     kept = torch.nn.ModuleList(members)  # one state_dict for all members (kept and restored together)
     opts = [torch.optim.AdamW(m.parameters(), lr=settings.lr, weight_decay=0.0) for m in members]
     rngs = [np.random.default_rng(seed + i) for i in range(len(members))]
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # dropout masks
-        for _ in progress_bar(range(settings.epochs), desc="training item GPT", disable=not progress):
+        for _ in train.progress(range(settings.epochs), desc="training item GPT", disable=not progress):
             losses = [train_epoch(m, o, windows, settings.batch_size, r) for m, o, r in zip(members, opts, rngs)]
             log.losses.append(float(np.mean(losses)))
             if stopper is not None:
@@ -369,8 +368,6 @@ def tune_cooccurrence(train_seq: ItemSequences, val_cases: tuple[list[np.ndarray
     ``(histories, targets, owner)``: each pair of ``settings.cooc_windows`` x ``cooc_lasts`` is scored
     by full-catalogue nDCG@10 per user, then over users; ties go to the earlier pair. Returns the grid
     (``window w``, ``last m films``, ``val nDCG@10``) and the best ``(w, m)``."""
-    from .train import pick_best
-
     hist, targets, owner = val_cases
     popularity = popularity_scores(train_seq, train_seq.n_items)
     rows = []
@@ -381,7 +378,7 @@ def tune_cooccurrence(train_seq: ItemSequences, val_cases: tuple[list[np.ndarray
             res = evaluate_next_item(scores, hist, targets, k=VAL_K, n_negatives=None)
             rows.append({"window w": window, "last m films": last, "val nDCG@10": per_user_mean(res["full_ndcg"], owner).mean()})
     grid = pd.DataFrame(rows)
-    best = grid.loc[pick_best(grid.index, grid["val nDCG@10"].get)]
+    best = grid.loc[train.pick_best(grid.index, grid["val nDCG@10"].get)]
     return grid, (int(best["window w"]), int(best["last m films"]))
 
 
@@ -429,8 +426,6 @@ def evaluate_next_item(scores: np.ndarray, histories: Sequence[np.ndarray], targ
     (:func:`mrec_utils.metrics.topk_metrics`). Sampled (unless ``n_negatives=None``): the target
     against :func:`sample_negatives`, ties counted halfway (:func:`mrec_utils.metrics.rank_of`).
     Returns float64 [n] arrays ``full_hr``, ``full_ndcg`` and ``sampled_hr``, ``sampled_ndcg``, ``sampled_rank``."""
-    from . import metrics
-
     s = np.asarray(scores, dtype=np.float64)
     n, n_items = s.shape
     t = np.asarray(targets, dtype=np.int64)

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
+from . import train
+
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -80,11 +82,9 @@ def load_causal_lm(name: str | os.PathLike | None = None, device: str | torch.de
     Hugging Face model id (the Hub or the local HF cache), a model folder or a ``.gguf`` file. ``device``: ``None`` ->
     :func:`mrec_utils.train.get_device`; ``dtype`` e.g. ``"bfloat16"``. Raises :class:`ModelNotAvailableError` (saying
     how to install or reach the model) or ``FileNotFoundError`` (a path that does not exist)."""
-    from .train import get_device
-
     name = None if name is None else os.fspath(name)
     dtype = getattr(torch, dtype.replace("torch.", "")) if isinstance(dtype, str) else dtype
-    dev = get_device(device)
+    dev = train.get_device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     return _load_cached(name, str(dev), dtype)
@@ -170,13 +170,11 @@ def _quiet_transformers_bars() -> Iterator[None]:
     bar (a plain ``tqdm`` inside transformers) leaves no clutter in stored notebook outputs."""
     from transformers.utils import logging as tlog
 
-    from .train import progress
-
     was_on = tlog.is_progress_bar_enabled()
     if os.environ.get("MREC_NO_PROGRESS", "").strip().lower() in _TRUE:
         tlog.disable_progress_bar()
     gguf = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
-    old_tqdm, gguf.tqdm = gguf.tqdm, progress  # leave=False; off with MREC_NO_PROGRESS=1
+    old_tqdm, gguf.tqdm = gguf.tqdm, train.progress  # leave=False; off with MREC_NO_PROGRESS=1
     try:
         yield
     finally:
@@ -337,8 +335,6 @@ def embed_texts(texts: Sequence[str], lm: LoadedLM | None = None, *, pooling: Li
 def _embed_new(lm: LoadedLM, todo: dict[bytes, str], pooling: str, batch_size: int, max_len: int,
                layers: int | None, folder: Path | None, progress: bool) -> dict[bytes, np.ndarray]:
     """Run the model (in float64) over the texts of ``todo`` (key -> text); store and return the raw vectors."""
-    from .train import progress as progress_bar
-
     model, tok = lm.model, lm.tokenizer
     todo_keys = list(todo)
     enc = tok(list(todo.values()), add_special_tokens=True, truncation=True, max_length=max_len)["input_ids"]
@@ -355,7 +351,7 @@ def _embed_new(lm: LoadedLM, todo: dict[bytes, str], pooling: str, batch_size: i
     model.to(torch.float64)  # see "Precision" in embed_texts
     try:
         with torch.inference_mode(), _first_blocks(model, layers):
-            for b, batch in enumerate(progress_bar(batches, desc="embedding texts", disable=not progress)):
+            for b, batch in enumerate(train.progress(batches, desc="embedding texts", disable=not progress)):
                 ids, mask = (t.to(dev) for t in _padded([enc[j] for j in batch], pad, left=False))  # positions 0..len-1
                 h = _backbone_hidden(model, ids, mask)
                 if pooling == "mean":
