@@ -66,8 +66,8 @@ def _detach(params: Mapping[str, Tensor]) -> Params:
 
 
 def _task_loss(model: nn.Module, params: Params, frozen: Params, x: Inputs, y: Tensor, mask: Tensor, loss_fn: LossFn) -> Tensor:
-    """Masked mean loss of one task (inputs already zeroed at padding); works under vmap."""
-    per = loss_fn(functional_forward(model, params, frozen, x), y)
+    """Masked mean loss of one task, padding zeroed before the model sees it; works under vmap."""
+    per = loss_fn(functional_forward(model, params, frozen, _sanitize(x, mask)), _zero_padded(y, mask))
     if per.shape != mask.shape:
         raise ValueError(f"loss_fn must return one loss per example, shape {tuple(mask.shape)}, got "
                          f"{tuple(per.shape)}; use e.g. mse_loss_per_example (reduction='none').")
@@ -75,7 +75,7 @@ def _task_loss(model: nn.Module, params: Params, frozen: Params, x: Inputs, y: T
 
 
 def _adapt(model, params, frozen, x, y, mask, loss_fn, steps: int, inner_lr: Rate, first_order: bool) -> Params:
-    """The inner SGD loop on one task with zeroed padding (works under ``vmap``)."""
+    """The inner SGD loop on one task (works under ``vmap``)."""
     grad_fn = grad(lambda p, fz: _task_loss(model, p, fz, x, y, mask, loss_fn))  # d/d params only
     # first order: the inner gradients are constants for the outer loop (computed on detached copies)
     fz_inner = _detach(frozen) if first_order else frozen
@@ -97,8 +97,7 @@ def inner_adapt(model: nn.Module, params: Mapping[str, Tensor], frozen: Mapping[
     Differentiable w.r.t. ``params`` through the inner gradients (second order); works inside
     ``torch.func.vmap``; under ``torch.no_grad()`` no graph is kept (evaluation)."""
     m = torch.ones(y_s.shape[:1], dtype=torch.bool, device=y_s.device) if mask_s is None else mask_s.bool()
-    return _adapt(model, dict(params), dict(frozen or {}), _sanitize(x_s, m), _zero_padded(y_s, m), m,
-                  loss_fn, steps, inner_lr, False)
+    return _adapt(model, dict(params), dict(frozen or {}), x_s, y_s, m, loss_fn, steps, inner_lr, False)
 
 
 def _mean_over_tasks(values: Tensor, task_mask: Tensor) -> Tensor:
@@ -116,9 +115,8 @@ def maml_loss(model: nn.Module, params: Mapping[str, Tensor], frozen: Mapping[st
     params, frozen = dict(params), dict(frozen or {})
 
     def one_task(xs, ys, ms, xq, yq, mq):
-        adapted = _adapt(model, params, frozen, _sanitize(xs, ms), _zero_padded(ys, ms), ms, loss_fn, steps,
-                         inner_lr, first_order)
-        return _task_loss(model, adapted, frozen, _sanitize(xq, mq), _zero_padded(yq, mq), mq, loss_fn)
+        adapted = _adapt(model, params, frozen, xs, ys, ms, loss_fn, steps, inner_lr, first_order)
+        return _task_loss(model, adapted, frozen, xq, yq, mq, loss_fn)
 
     b = batch
     losses = vmap(one_task, randomness="different")(b.x_support, b.y_support, b.mask_support, b.x_query,
@@ -138,10 +136,9 @@ def maml_loss_loop(model, params, frozen, batch: TaskBatch, *, loss_fn: LossFn, 
     losses = []
     for i in range(len(b.y_support)):
         ms, mq = b.mask_support[i], b.mask_query[i]
-        adapted = _adapt(model, params, frozen, _sanitize(_task(b.x_support, i), ms), _zero_padded(b.y_support[i], ms),
-                         ms, loss_fn, steps, inner_lr, first_order)
-        losses.append(_task_loss(model, adapted, frozen, _sanitize(_task(b.x_query, i), mq), _zero_padded(b.y_query[i], mq),
-                                 mq, loss_fn))
+        adapted = _adapt(model, params, frozen, _task(b.x_support, i), b.y_support[i], ms, loss_fn, steps, inner_lr,
+                         first_order)
+        losses.append(_task_loss(model, adapted, frozen, _task(b.x_query, i), b.y_query[i], mq, loss_fn))
     return _mean_over_tasks(torch.stack(losses), b.mask_query.any(-1))
 
 
@@ -182,7 +179,7 @@ def reptile_step(model, params, frozen, batch: TaskBatch, *, loss_fn: LossFn, st
     phi, fz = _detach(params), _detach(frozen or {})
 
     def one_task(xt, yt, mt):
-        return _adapt(model, phi, fz, _sanitize(xt, mt), _zero_padded(yt, mt), mt, loss_fn, steps, inner_lr, True)
+        return _adapt(model, phi, fz, xt, yt, mt, loss_fn, steps, inner_lr, True)
 
     with torch.no_grad():
         phis = vmap(one_task, randomness="different")(x, y, mask)  # {name: [T, ...]}
@@ -307,8 +304,8 @@ class MAML:
                  x_s: Inputs, y_s: Tensor, mask_s: Tensor) -> Params:
         """:func:`inner_adapt` with this method's inner loop (first order when ``first_order``), for
         outer losses of your own."""
-        return _adapt(model, dict(params), dict(frozen or {}), _sanitize(x_s, mask_s), _zero_padded(y_s, mask_s), mask_s,
-                      self.loss_fn, self.inner_steps, self.inner_lr, self.first_order)
+        return _adapt(model, dict(params), dict(frozen or {}), x_s, y_s, mask_s, self.loss_fn, self.inner_steps,
+                      self.inner_lr, self.first_order)
 
     def update(self, model, batch, optimizer, progress):
         optimizer.zero_grad(set_to_none=True)
