@@ -280,17 +280,15 @@ def _read_files(release: Release, kind: str, path: Path) -> dict[str, bytes]:
     """Bytes of every file in ``release.read_files``, each checked against its FileSpec."""
     if kind == "folder":
         out = {f: (path / f).read_bytes() for f in release.read_files}
-        for f, data in out.items():
-            _verify(data, release.file(f), path / f, "", str(path))
-        return out
-    try:
-        with zipfile.ZipFile(path) as zf:
-            out = {f: zf.read(_zip_member(zf, release, f, path)) for f in release.read_files}
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as err:
-        raise CorruptArchiveError(f"{path} is not a readable zip archive ({err}). Delete it and download "
-                                  f"{release.url} again (or put the extracted folder '{release.folder}/' there).") from err
-    for f, data in out.items():
-        _verify(data, release.file(f), path, f, str(path))
+    else:
+        try:
+            with zipfile.ZipFile(path) as zf:
+                out = {f: zf.read(_zip_member(zf, release, f, path)) for f in release.read_files}
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as err:
+            msg = f"{path} is not a readable zip archive ({err}). Delete it and download {release.url} again "
+            raise CorruptArchiveError(msg + f"(or put the extracted folder '{release.folder}/' there).") from err
+    for f, data in out.items():  # a folder's file, or a member of the zip
+        _verify(data, release.file(f), path / f if kind == "folder" else path, "" if kind == "folder" else f, str(path))
     return out
 
 
