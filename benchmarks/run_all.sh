@@ -13,7 +13,7 @@
 # methods fitted once, evaluated and timed, then the same episodes ranked by chapters 7 and 9's methods.
 # Every job runs on one thread in float64 and seeds itself, so the files do not depend on where or in which
 # order the jobs ran; tests/test_benchmark_results.py re-computes slices and compares them user by user.
-# The replication on ml-100k (chapter 12) runs the new-user scenario only, with the same settings.
+# The replication on ml-100k (chapter 12) runs new users with k = 10 only, with the same settings.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -23,7 +23,7 @@ args=(--out "$OUTDIR")
 [[ -n "${SCHEDULER:-}" ]] && args+=(--scheduler "$SCHEDULER")
 [[ -n "${WORKERS:-}" ]] && args+=(--workers "$WORKERS")
 time $PY -m mrec_bench sweep --datasets ml-latest-small "${args[@]}"
-[[ -n "$REPLICATION" ]] && time $PY -m mrec_bench sweep --datasets "$REPLICATION" --scenarios user-cold "${args[@]}"
+[[ -n "$REPLICATION" ]] && time $PY -m mrec_bench sweep --datasets "$REPLICATION" --scenarios user-cold --ks 10 "${args[@]}"
 
 # Meta-training speed: vmap vs loop vs higher vs the hand-batched reference. Timings depend on the machine
 # and its load; the file records the load averages before and after. Run it on a quiet machine.
