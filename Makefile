@@ -43,8 +43,12 @@ book: $(STAMP)
 
 # Unit tests, the notebook hygiene checks, every notebook under nbval, the book build (-W), the
 # browser and PDF checks, the Colab copies and the simulated Colab run.
+# Two pytest workers (pytest-xdist), each at one thread: a notebook and a test file stay whole on one worker
+# (--dist loadfile), so every notebook still runs top to bottom in one kernel. TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(VENV)/bin/pytest --nbval-lax --durations=30 tests notebooks $(wildcard book/*.ipynb)
+	$(VENV)/bin/pytest --nbval-lax --durations=30 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) \
+		tests notebooks $(wildcard book/*.ipynb)
 
 # Only the simulated Colab run (a fresh virtual environment installs the package from this clone).
 test-colab: $(STAMP)
