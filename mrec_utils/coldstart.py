@@ -107,7 +107,8 @@ class ColdStartSettings:
 @dataclass
 class ColdStartData:
     """One seed: the split, the features, the validation and test episodes (lists and padded batches), the
-    training rating range (predictions are clipped to it), and a ``cache`` for the shared trained network."""
+    training rating range (predictions are clipped to it), and a ``cache`` of what the seed's methods share
+    (the trained network, the training batches of each epoch)."""
 
     scenario: str
     shots: int | str
@@ -149,6 +150,13 @@ class ColdStartData:
                 keep = np.sort(rng.choice(e.n, size=s.train_query, replace=False))
                 e.query_items, e.query_ratings, e.query_times = e.query_items[keep], e.query_ratings[keep], e.query_times[keep]
         return eps
+
+    def train_batch(self, epoch: int) -> tasks.TaskBatch:
+        """:meth:`train_episodes` of ``epoch`` as one padded batch, drawn once per seed and kept in ``cache``: every
+        meta-learner of this seed trains on the same batches (the first to reach an epoch pays for drawing it)."""
+        if ("train batch", epoch) not in self.cache:
+            self.cache["train batch", epoch] = encode_episodes(self.features, self.train_episodes(epoch), self.device)
+        return self.cache["train batch", epoch]
 
 
 def encode_episodes(features: Features, episodes: Sequence[tasks.Episode], device: torch.device | None = None) -> tasks.TaskBatch:
@@ -414,13 +422,13 @@ def episode_sampler(data: ColdStartData) -> tuple[Callable[[int], tasks.TaskBatc
     shuffled each epoch (seeded), films shown as unknown with probability ``id_dropout``."""
     gen, b = torch.Generator().manual_seed(data.seed), data.settings.meta.batch
     unknown, p = data.features.n_item_rows - 1, data.settings.net.id_dropout
-    n_batches = math.ceil(len(data.train_episodes(0)) / b)  # the same users in every epoch
+    n_batches = math.ceil(len(data.train_batch(0)) / b)  # the same users in every epoch
     epoch_state = {}
 
     def sample_batch(step: int) -> tasks.TaskBatch:
         epoch, i = divmod(step, n_batches)
         if i == 0:
-            epoch_state["tasks"] = encode_episodes(data.features, data.train_episodes(epoch), data.device)
+            epoch_state["tasks"] = data.train_batch(epoch)
             epoch_state["order"] = torch.randperm(len(epoch_state["tasks"]), generator=gen)
         tb = epoch_state["tasks"].subset(epoch_state["order"][i * b:(i + 1) * b])
         return dataclasses.replace(tb, x_support=_drop_ids(tb.x_support, p, unknown, gen),
@@ -446,7 +454,32 @@ def fomaml(s: MetaSettings, adapt: meta.AdaptSpec) -> meta.MAML:
 
 
 def reptile(s: MetaSettings, adapt: meta.AdaptSpec) -> meta.Reptile:
-    return meta.Reptile(s.reptile_steps, s.reptile_lr, s.reptile_epsilon, adapt=adapt)
+    return BatchRowsReptile(s.reptile_steps, s.reptile_lr, s.reptile_epsilon, adapt=adapt)
+
+
+@dataclass(frozen=True)
+class BatchRowsReptile(meta.Reptile):
+    """:class:`~mrec_utils.meta.Reptile` for the network, whose item-id table it adapts too: only the rows of the
+    batch's films can move, so the inner loops get those rows (a copy per task of a few hundred rows instead of
+    the whole table). Rows no task touches keep their values, as in the full update, which this equals."""
+
+    def update(self, model, batch, optimizer, progress):
+        params, frozen = meta.split_params(model, self.adapt)
+        if "item_emb.weight" not in params:  # no item-id table, or not adapted
+            return super().update(model, batch, optimizer, progress)
+        table = params["item_emb.weight"]
+        rows = torch.unique(torch.cat([batch.x_support[..., 1].flatten(), batch.x_query[..., 1].flatten()]))  # sorted
+
+        def local(x: Tensor) -> Tensor:  # column 1 as a position in ``rows``
+            return torch.cat([x[..., :1], torch.searchsorted(rows, x[..., 1:2].contiguous()), x[..., 2:]], -1)
+
+        small = dataclasses.replace(batch, x_support=local(batch.x_support), x_query=local(batch.x_query))
+        new = meta.reptile_step(model, {**params, "item_emb.weight": table.detach()[rows]}, frozen, small,
+                                loss_fn=self.loss_fn, steps=self.inner_steps, inner_lr=self.inner_lr,
+                                epsilon=self.epsilon * (1 - progress), use_query=self.use_query)
+        with torch.no_grad():
+            table[rows] = new.pop("item_emb.weight")
+        meta.load_params_(model, new)
 
 
 @dataclass(frozen=True)

@@ -237,6 +237,32 @@ def test_adapt_batch_equals_one_user_at_a_time_and_zero_steps_is_the_model():
     torch.testing.assert_close(cs.predict_batch(m, zero_steps, f, xs), m(xs).detach())
 
 
+
+def test_batch_rows_reptile_equals_the_full_update():
+    """Reptile on the rows of the batch's films equals Reptile on the whole item-id table (rows that no task
+    holds, padding row 0 included, keep their values in both)."""
+    torch.manual_seed(1)
+    genres = np.eye(3)[np.arange(30) % 3]
+    full = MeLURatingModel(genres, np.arange(30) % 3, 3, n_item_rows=21, emb_dim=4, hidden=(6,), offset=3.0)
+    rows = MeLURatingModel(genres, np.arange(30) % 3, 3, n_item_rows=21, emb_dim=4, hidden=(6,), offset=3.0)
+    rows.load_state_dict(full.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    items = torch.randint(0, 30, (4, 7), generator=gen)
+    x = torch.stack([items, torch.where(items < 20, items, 20)], -1)  # films 20-29 share the unknown row 20
+    y = torch.randint(1, 6, (4, 7), generator=gen).double()
+    mask = torch.ones(4, 7, dtype=torch.bool)
+    mask[3, 4:] = False  # a padded task
+    batch = tasks.TaskBatch(x[:, :3], y[:, :3], x[:, 3:] * mask[:, 3:, None], y[:, 3:], mask[:, :3], mask[:, 3:])
+    kw = dict(inner_steps=2, inner_lr=0.1, epsilon=0.5, adapt=melu_adapt_spec("every"))
+    before = full.item_emb.weight.detach().clone()
+    meta.Reptile(**kw).update(full, batch, None, 0.25)
+    cs.BatchRowsReptile(**kw).update(rows, batch, None, 0.25)
+    for (name, a), b in zip(full.named_parameters(), rows.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-14, msg=name)
+    untouched = np.setdiff1d(np.arange(21), x[..., 1].numpy())
+    assert len(untouched) and torch.equal(rows.item_emb.weight[untouched], before[untouched])
+    assert not torch.equal(rows.item_emb.weight, before)
+
 def test_settings_replace_dotted_and_top_level():
     s = cs.ColdStartSettings().replace(**{"meta.inner_lr": 0.1, "net.hidden": (8,), "device": "cpu"})
     assert s.meta.inner_lr == 0.1 and s.net.hidden == (8,) and s.device == "cpu"
