@@ -48,10 +48,6 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["FileSpec", "Release", "RELEASES", "MovieLens", "available_releases", "load_movielens", "item_text",
-           "cache_dir", "search_dirs", "ML1M_OCCUPATIONS", "ML1M_AGE_GROUPS", "DataNotFoundError", "ChecksumError",
-           "MalformedFileError", "CorruptArchiveError", "UnverifiedDataWarning"]
-
 BASE_URL = "https://files.grouplens.org/datasets/movielens/"
 DEFAULT_RELEASE = "ml-latest-small"
 

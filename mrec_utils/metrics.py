@@ -18,9 +18,6 @@ from typing import Sequence, Union
 
 import numpy as np
 
-__all__ = ["mae", "rmse", "ndcg_at_k", "ndcg_at_k_batch", "hr_at_k", "hr_at_k_batch", "rank_of", "topk_metrics",
-           "auc", "BootstrapResult", "bootstrap_ci", "paired_bootstrap_ci"]
-
 ArrayLike = Union[Sequence, np.ndarray, "torch.Tensor"]  # noqa: F821 - torch is not imported here
 
 

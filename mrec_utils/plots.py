@@ -12,9 +12,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
-__all__ = ["PALETTE", "set_style", "new_figure", "finish", "loglog_rank_plot", "bar_counts",
-           "SYSTEM_STAGES", "SYSTEM_FLOWS", "SystemDiagram", "system_diagram"]
-
 #: Colour-blind-safe qualitative palette (Okabe & Ito), in the order methods are plotted: blue, orange,
 #: green, vermillion, purple, sky blue, yellow, black.
 PALETTE: tuple[str, ...] = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")

@@ -37,10 +37,6 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-__all__ = ["SCENARIOS", "SplitSettings", "Split", "make_split", "scenario_counts", "Episode", "EpisodePreset",
-           "MELU_PRESET", "NotEnoughRatingsError", "make_episodes", "ItemIndex", "TaskBatch", "collate_episodes",
-           "iterate_meta_batches", "LeakageError", "LeakageReport", "visible_tags", "check_no_leakage"]
-
 SCENARIOS: tuple[str, ...] = ("user-cold", "item-cold", "user+item-cold", "temporal")
 _ITEM_SCENARIOS = ("item-cold", "user+item-cold")
 _DISJOINT_USER_SCENARIOS = ("user-cold", "user+item-cold")

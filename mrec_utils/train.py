@@ -18,8 +18,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["seed_everything", "get_device", "versions", "TIE_TOL", "pick_best", "EarlyStopping", "progress"]
-
 TIE_TOL = 1e-9
 """Validation values closer than this are a tie, won by the earlier candidate. In float64 two machines
 differ by about 1e-13, so a choice never depends on which machine computed it."""
