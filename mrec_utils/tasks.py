@@ -594,10 +594,6 @@ class LeakageReport:
     def ok(self) -> bool:
         return not self.problems
 
-    @property
-    def codes(self) -> set[str]:
-        return {p.split(":", 1)[0] for p in self.problems}
-
     def raise_if_bad(self) -> None:
         """Raise :class:`LeakageError` listing every problem; do nothing when ``ok``."""
         if self.problems:
