@@ -615,6 +615,12 @@ def _pairs(u: np.ndarray, i: np.ndarray) -> str:
     return ", ".join(f"(user {a}, item {b})" for a, b in zip(u[:3].tolist(), i[:3].tolist()))
 
 
+def _flag(problems: list[str], count: int, message: str) -> None:
+    """Record ``message`` as a problem when ``count`` (of leaking rows, users or items) is not zero."""
+    if count:
+        problems.append(message)
+
+
 def _later(earlier: pd.Series, later: pd.Series) -> pd.Index:
     """Users (the common index) whose value in ``earlier`` exceeds their value in ``later``."""
     common = earlier.index.intersection(later.index)
@@ -628,53 +634,45 @@ def _check_split(split: Split, rep: LeakageReport) -> None:
     q = ev["can_query"].to_numpy(bool)
     rep.checks.append("val/test users disjoint")
     both = np.intersect1d(split.val_users, split.test_users)
-    if len(both):
-        P.append(f"user-overlap: {len(both)} users are both validation and test users, e.g. {both[:5].tolist()}")
+    _flag(P, len(both), f"user-overlap: {len(both)} users are both validation and test users, e.g. {both[:5].tolist()}")
     for part in ("val", "test"):
         extra = np.setdiff1d(getattr(split, part)["user_id"].to_numpy(), getattr(split, f"{part}_users"))
-        if len(extra):
-            P.append(f"unknown-user: split.{part} holds users not in {part}_users, e.g. {extra[:5].tolist()}")
+        _flag(P, len(extra), f"unknown-user: split.{part} holds users not in {part}_users, e.g. {extra[:5].tolist()}")
     rep.checks.append("no query candidate in train")
     eu, ei = ev["user_id"].to_numpy(), ev["item_id"].to_numpy()
     leak = _pairs_in(eu[q], ei[q], tr)
-    if leak.any():
-        P.append(f"query-in-train: {int(leak.sum())} query candidates of evaluation users are in split.train, "
-                 f"e.g. {_pairs(eu[q][leak], ei[q][leak])}")
+    _flag(P, leak.sum(), f"query-in-train: {int(leak.sum())} query candidates of evaluation users are in split.train, "
+          f"e.g. {_pairs(eu[q][leak], ei[q][leak])}")
     if sc in _DISJOINT_USER_SCENARIOS:
         rep.checks.append("evaluation users not in train")
         for part in ("val", "test"):
             bad = np.intersect1d(getattr(split, f"{part}_users"), split.train_users)
-            if len(bad):
-                P.append(f"user-overlap: {len(bad)} {part} users also appear in split.train ({sc} needs disjoint "
-                         f"users), e.g. {bad[:5].tolist()}")
+            _flag(P, len(bad), f"user-overlap: {len(bad)} {part} users also appear in split.train ({sc} needs disjoint "
+                  f"users), e.g. {bad[:5].tolist()}")
     if sc in _ITEM_SCENARIOS:
         rep.checks.append("new items never in train; queries on new items")
         ti, new = tr["item_id"].to_numpy(), split.new_items
-        if np.isin(ti, new).any():
-            P.append(f"new-item-in-train: {int(np.isin(ti, new).sum())} training interactions are on new items, "
-                     f"e.g. items {np.unique(ti[np.isin(ti, new)])[:5].tolist()}")
+        on_new = np.isin(ti, new)
+        _flag(P, on_new.sum(), f"new-item-in-train: {int(on_new.sum())} training interactions are on new items, "
+              f"e.g. items {np.unique(ti[on_new])[:5].tolist()}")
         notnew = q & ~np.isin(ei, new)
-        if notnew.any():
-            P.append(f"query-not-new: {int(notnew.sum())} query candidates are on old items, e.g. "
-                     f"{_pairs(eu[notnew], ei[notnew])}")
+        _flag(P, notnew.sum(), f"query-not-new: {int(notnew.sum())} query candidates are on old items, e.g. "
+              f"{_pairs(eu[notnew], ei[notnew])}")
         cut = -np.inf if split.cutoff is None or not len(ev) else _seconds(pd.Series([split.cutoff]))[0]
         early = np.isin(ei, new) & (_seconds(ev["timestamp"]) <= cut)
-        if early.any():
-            P.append(f"new-item-before-cutoff: {int(early.sum())} ratings of 'new' items are at or before the cutoff "
-                     f"{split.cutoff}, e.g. items {np.unique(ei[early])[:5].tolist()}")
+        _flag(P, early.sum(), f"new-item-before-cutoff: {int(early.sum())} ratings of 'new' items are at or before the "
+              f"cutoff {split.cutoff}, e.g. items {np.unique(ei[early])[:5].tolist()}")
     if sc == "temporal" and len(ev):
         rep.checks.append("support pool and training data precede each user's query pool")
         g = pd.DataFrame({"u": eu, "t": _seconds(ev["timestamp"]), "s": ev["can_support"].to_numpy(bool), "q": q})
         qmin, smax = g[g.q].groupby("u").t.min(), g[g.s].groupby("u").t.max()
         tmax = pd.Series(_seconds(tr["timestamp"])).groupby(tr["user_id"].to_numpy()).max()
         bad = _later(smax, qmin)
-        if len(bad):
-            P.append(f"time-order: {len(bad)} users have a support candidate later than a query candidate, "
-                     f"e.g. users {bad[:5].tolist()}")
+        _flag(P, len(bad), f"time-order: {len(bad)} users have a support candidate later than a query candidate, "
+              f"e.g. users {bad[:5].tolist()}")
         bad = _later(tmax, qmin)
-        if len(bad):
-            P.append(f"train-after-query: {len(bad)} evaluation users have training interactions later than "
-                     f"their first query candidate, e.g. users {bad[:5].tolist()}")
+        _flag(P, len(bad), f"train-after-query: {len(bad)} evaluation users have training interactions later than "
+              f"their first query candidate, e.g. users {bad[:5].tolist()}")
 
 
 def _check_episodes(split: Split, episodes: Sequence[Episode], rep: LeakageReport) -> None:
@@ -685,28 +683,27 @@ def _check_episodes(split: Split, episodes: Sequence[Episode], rep: LeakageRepor
     tmax = pd.Series(_seconds(tr["timestamp"])).groupby(tr["user_id"].to_numpy()).max().to_dict() if len(tr) else {}
     for e in episodes:
         both = np.intersect1d(e.support_items, e.query_items)
-        if len(both):
-            P.append(f"query-in-support: user {e.user_id}'s episode has items {both[:5].tolist()} in both support and query")
+        _flag(P, len(both), f"query-in-support: user {e.user_id}'s episode has items {both[:5].tolist()} in both "
+              "support and query")
         for name, arr in (("support", e.support_items), ("query", e.query_items)):
-            if len(np.unique(arr)) != len(arr):
-                P.append(f"duplicate-in-episode: user {e.user_id}'s {name} set repeats an item")
-        if sc in _DISJOINT_USER_SCENARIOS and e.user_id in train_users:
-            P.append(f"user-overlap: episode user {e.user_id} appears in split.train ({sc})")
+            _flag(P, len(arr) - len(np.unique(arr)),
+                  f"duplicate-in-episode: user {e.user_id}'s {name} set repeats an item")
+        _flag(P, sc in _DISJOINT_USER_SCENARIOS and e.user_id in train_users,
+              f"user-overlap: episode user {e.user_id} appears in split.train ({sc})")
         old = e.query_items[~np.isin(e.query_items, split.new_items)]
-        if sc in _ITEM_SCENARIOS and len(old):
-            P.append(f"query-not-new: user {e.user_id}'s query has old items {old[:5].tolist()}")
+        _flag(P, sc in _ITEM_SCENARIOS and len(old),
+              f"query-not-new: user {e.user_id}'s query has old items {old[:5].tolist()}")
         if sc == "temporal" and e.n and e.k:
-            if np.max(e.support_times) > np.min(e.query_times):
-                P.append(f"time-order: user {e.user_id}'s latest support time is after their earliest query time")
-            if tmax.get(e.user_id, -np.inf) > np.min(e.query_times):
-                P.append(f"train-after-query: user {e.user_id} has training interactions after their earliest query")
+            _flag(P, np.max(e.support_times) > np.min(e.query_times),
+                  f"time-order: user {e.user_id}'s latest support time is after their earliest query time")
+            _flag(P, tmax.get(e.user_id, -np.inf) > np.min(e.query_times),
+                  f"train-after-query: user {e.user_id} has training interactions after their earliest query")
     if episodes:
         qu = np.concatenate([np.full(e.n, e.user_id, np.int64) for e in episodes])
         qi = np.concatenate([np.asarray(e.query_items, np.int64) for e in episodes])
         leak = _pairs_in(qu, qi, tr)
-        if leak.any():
-            P.append(f"query-in-train: {int(leak.sum())} episode query interactions are in split.train, "
-                     f"e.g. {_pairs(qu[leak], qi[leak])}")
+        _flag(P, leak.sum(), f"query-in-train: {int(leak.sum())} episode query interactions are in split.train, "
+              f"e.g. {_pairs(qu[leak], qi[leak])}")
 
 
 def _tag_leaks(split: Split, tags: pd.DataFrame) -> dict[str, np.ndarray]:
@@ -756,8 +753,7 @@ def check_no_leakage(split: Split, episodes: Sequence[Episode] | None = None,
     if tags is not None:
         rep.checks.append("item-text tags: none by held-out users, none after the cutoff or the query period")
         for reason, mask in _tag_leaks(split, tags).items():
-            if mask.any():
-                rep.problems.append(f"tag-leak: {int(mask.sum())} tags were written {reason}, e.g. "
-                                    f"{_pairs(tags['user_id'].to_numpy()[mask], tags['item_id'].to_numpy()[mask])}; "
-                                    "build item texts from tasks.visible_tags(split, tags)")
+            _flag(rep.problems, mask.sum(), f"tag-leak: {int(mask.sum())} tags were written {reason}, e.g. "
+                  f"{_pairs(tags['user_id'].to_numpy()[mask], tags['item_id'].to_numpy()[mask])}; "
+                  "build item texts from tasks.visible_tags(split, tags)")
     return rep
