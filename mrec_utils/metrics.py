@@ -267,15 +267,20 @@ def _boot_means(values: np.ndarray, n_boot: int, seed: int, clusters: np.ndarray
     return out
 
 
-def _clusters(clusters: ArrayLike | None, n: int) -> np.ndarray | None:
-    if clusters is None:
-        return None
-    c = np.asarray(clusters)
-    if c.shape != (n,):
+def _interval(v: np.ndarray, n_boot: int, alpha: float, seed: int, clusters: ArrayLike | None,
+              paired: bool) -> BootstrapResult:
+    """The percentile interval of the mean of ``v [n]`` (the paired form adds the p-value); ``clusters [n]``: whole
+    clusters are resampled."""
+    c, n = None if clusters is None else np.asarray(clusters), v.size
+    if c is not None and c.shape != (n,):
         raise ValueError(f"clusters must give one cluster id (e.g. the user) per value: {n} ids, got shape {c.shape}.")
-    if len(np.unique(c)) < 2:
+    if c is not None and len(np.unique(c)) < 2:
         raise ValueError("clusters must hold at least 2 different ids to resample.")
-    return c
+    means, est = _boot_means(v, int(n_boot), int(seed), c), float(v.mean())
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    p = float((1 + int((np.abs(means - est) >= abs(est)).sum())) / (n_boot + 1)) if paired else None
+    return BootstrapResult(est, float(low), float(high), p, v.size, int(n_boot), float(alpha),
+                           None if c is None else len(np.unique(c)))
 
 
 def bootstrap_ci(values: ArrayLike, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0,
@@ -283,11 +288,7 @@ def bootstrap_ci(values: ArrayLike, n_boot: int = 2000, alpha: float = 0.05, see
     """Percentile bootstrap interval for the mean of per-unit values (e.g. nDCG@10 per user); the same
     inputs and seed give the same interval. ``clusters``: one id per value (e.g. the user when a user
     appears under several seeds); then whole clusters are resampled."""
-    v = _units(values, "values", n_boot, alpha)
-    c = _clusters(clusters, v.size)
-    low, high = np.quantile(_boot_means(v, int(n_boot), int(seed), c), [alpha / 2, 1 - alpha / 2])
-    return BootstrapResult(float(v.mean()), float(low), float(high), None, v.size, int(n_boot), float(alpha),
-                           None if c is None else len(np.unique(c)))
+    return _interval(_units(values, "values", n_boot, alpha), n_boot, alpha, seed, clusters, paired=False)
 
 
 def paired_bootstrap_ci(a: ArrayLike, b: ArrayLike, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0,
@@ -301,10 +302,4 @@ def paired_bootstrap_ci(a: ArrayLike, b: ArrayLike, n_boot: int = 2000, alpha: f
     av, bv = _units(a, "a", n_boot, alpha), _units(b, "b", n_boot, alpha)
     if av.shape != bv.shape:
         raise ValueError(f"a and b must be aligned by unit, got shapes {av.shape} and {bv.shape}.")
-    d = av - bv
-    c = _clusters(clusters, d.size)
-    means, est = _boot_means(d, int(n_boot), int(seed), c), float(d.mean())
-    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    p = (1 + int((np.abs(means - est) >= abs(est)).sum())) / (n_boot + 1)
-    return BootstrapResult(est, float(low), float(high), float(p), d.size, int(n_boot), float(alpha),
-                           None if c is None else len(np.unique(c)))
+    return _interval(av - bv, n_boot, alpha, seed, clusters, paired=True)
