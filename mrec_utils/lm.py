@@ -297,39 +297,50 @@ def embed_texts(texts: Sequence[str], lm: LoadedLM | None = None, *, pooling: Li
     texts = list(texts)
     if pooling not in ("mean", "last"):
         raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}.")
-    if lm is None and use_cache:
-        # The default model's store folder is known without loading it (see _write_default_record):
-        # when every text is already stored, the ~20 s de-quantisation is skipped.
-        served = _serve_default_from_cache(texts, pooling, layers, normalize, cache_dir)
-        if served is not None:
-            return served
-    loaded_here = lm is None
-    lm = load_causal_lm() if lm is None else lm
-    model = lm.model
-    n_blocks = len(_blocks(model)[2]) if layers is not None else None
-    if layers is not None and not (isinstance(layers, int) and 1 <= layers <= n_blocks):
-        raise ValueError(f"layers must be None or an int in [1, {n_blocks}], got {layers!r}.")
-    layers = None if layers == n_blocks else layers
-    hidden = int(getattr(model.config, "hidden_size", None) or model.config.n_embd)
+    # The default model's facts are recorded next to the store (_default_record): when every text is stored
+    # already, the vectors are read back and the ~20 s de-quantisation is skipped.
+    facts = _default_record(cache_dir) if lm is None and use_cache else None
+    store = None if facts is None else _lookup(texts, facts, pooling, layers, cache_dir, use_cache)
+    if store is None or len(store[1]) < len(set(store[0])):  # not every text is stored: the model is needed
+        loaded_here, lm = lm is None, load_causal_lm() if lm is None else lm
+        facts = _facts(lm, fingerprint=use_cache, blocks=layers is not None or (loaded_here and use_cache))
+        store = _lookup(texts, facts, pooling, layers, cache_dir, use_cache)
+        if texts and loaded_here and use_cache and (source := _default_source_key()) is not None:
+            _write_atomic(embedding_cache_dir(cache_dir) / "default-model.json",
+                          lambda f: json.dump({"source": source, **facts}, f), mode="w")
     if not texts:
-        return np.zeros((0, hidden), dtype=np.float64)
-    n_ctx = _context_length(model)
-    max_len = min(_MAX_TOKENS, n_ctx) if n_ctx else _MAX_TOKENS
-    keys = [_text_key(t) for t in texts]
-    folder, found = None, {}
-    if use_cache:
-        fingerprint = lm_fingerprint(lm)
-        if loaded_here:
-            _write_default_record(cache_dir, fingerprint, model, hidden, n_ctx)
-        folder = _store_folder(cache_dir, lm.name, fingerprint, pooling, max_len, layers)
-        index, vectors, _ = _read_store(folder)
-        found = {k: vectors[index[k][0]][index[k][1]] for k in set(keys) if k in index}
+        return np.zeros((0, facts["hidden"]), dtype=np.float64)
+    keys, found, folder, max_len, layers = store
     todo = {k: t for k, t in zip(keys, texts) if k not in found}  # first occurrence of each new text
     if todo:
         found.update(_embed_new(lm, todo, pooling, batch_size, max_len, layers, folder, progress))
         if folder is not None:
             _compact(folder)
     return _finish_rows([found[k] for k in keys], normalize)
+
+
+def _facts(lm: LoadedLM, fingerprint: bool, blocks: bool) -> dict[str, Any]:
+    """What the store needs of a model: its name, :func:`lm_fingerprint`, hidden size, context and number of blocks."""
+    model = lm.model
+    return {"name": lm.name, "fingerprint": lm_fingerprint(lm) if fingerprint else None,
+            "hidden": int(getattr(model.config, "hidden_size", None) or model.config.n_embd),
+            "n_ctx": _context_length(model), "n_blocks": len(_blocks(model)[2]) if blocks else None}
+
+
+def _lookup(texts: list[str], facts: dict[str, Any], pooling: str, layers: int | None,
+            cache_dir: str | os.PathLike | None, use_cache: bool) -> tuple:
+    """``(text keys, stored raw vectors by key, store folder or None, token limit, layers)`` for a model's facts."""
+    n_blocks = facts["n_blocks"]
+    if layers is not None and not (isinstance(layers, int) and 1 <= layers <= n_blocks):
+        raise ValueError(f"layers must be None or an int in [1, {n_blocks}], got {layers!r}.")
+    layers = None if layers == n_blocks else layers
+    max_len = min(_MAX_TOKENS, facts["n_ctx"]) if facts["n_ctx"] else _MAX_TOKENS
+    keys = [_text_key(t) for t in texts]
+    if not use_cache or not texts:
+        return keys, {}, None, max_len, layers
+    folder = _store_folder(cache_dir, facts["name"], facts["fingerprint"], pooling, max_len, layers)
+    index, vectors, _ = _read_store(folder)
+    return keys, {k: vectors[index[k][0]][index[k][1]] for k in set(keys) if k in index}, folder, max_len, layers
 
 
 def _embed_new(lm: LoadedLM, todo: dict[bytes, str], pooling: str, batch_size: int, max_len: int,
@@ -516,7 +527,7 @@ def _compact(folder: Path, max_shards: int = 32) -> None:
             p.unlink(missing_ok=True)
 
 
-# the default model served from the store without loading it
+# the default model's facts, recorded next to the store so that it can be served without loading
 
 
 def _default_source_key() -> str | None:
@@ -537,45 +548,16 @@ def _default_source_key() -> str | None:
     return h.hexdigest()
 
 
-def _default_record_path(cache_dir: str | os.PathLike | None) -> Path:
-    return embedding_cache_dir(cache_dir) / "default-model.json"
-
-
-def _write_default_record(cache_dir: str | os.PathLike | None, fingerprint: str, model: PreTrainedModel, hidden: int,
-                          n_ctx: int | None) -> None:
-    """Remember the default model's fingerprint next to the store, keyed by its file identity.
-    Written only right after :func:`embed_texts` loaded the default itself (never for a model
-    the caller passed in, which may have been modified in place)."""
-    source = _default_source_key()
-    if source is None:
-        return
-    record = {"source": source, "fingerprint": fingerprint, "hidden": hidden, "n_ctx": n_ctx,
-              "n_blocks": len(_blocks(model)[2])}
-    _write_atomic(_default_record_path(cache_dir), lambda f: json.dump(record, f), mode="w")
-
-
-def _serve_default_from_cache(texts: list[str], pooling: str, layers: int | None, normalize: bool,
-                              cache_dir: str | os.PathLike | None) -> np.ndarray | None:
-    """Embeddings of ``texts`` by the default model read from the store without loading the model, or ``None`` (then the
-    caller loads it) when the record is missing/stale, an option is out of range, or any text is not stored yet."""
+def _default_record(cache_dir: str | os.PathLike | None) -> dict[str, Any] | None:
+    """The default model's :func:`_facts`, written by :func:`embed_texts` right after it loaded the default itself
+    (never for a model passed in, which may have been modified in place); None if missing or for another file."""
     try:
-        record = json.loads(_default_record_path(cache_dir).read_text())
-        fingerprint, hidden, n_ctx, n_blocks = record["fingerprint"], int(record["hidden"]), record["n_ctx"], int(record["n_blocks"])
+        record = json.loads((embedding_cache_dir(cache_dir) / "default-model.json").read_text())
+        facts = {"name": DEFAULT_LM, "fingerprint": record["fingerprint"], "hidden": int(record["hidden"]),
+                 "n_ctx": record["n_ctx"], "n_blocks": int(record["n_blocks"])}
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if record.get("source") != _default_source_key():
-        return None
-    if layers is not None and not (isinstance(layers, int) and 1 <= layers <= n_blocks):
-        return None  # let the full path raise its clear error
-    layers = None if layers == n_blocks else layers
-    if not texts:
-        return np.zeros((0, hidden), dtype=np.float64)
-    max_len = min(_MAX_TOKENS, int(n_ctx)) if n_ctx else _MAX_TOKENS
-    index, vectors, _ = _read_store(_store_folder(cache_dir, DEFAULT_LM, fingerprint, pooling, max_len, layers))
-    where = [index.get(_text_key(t)) for t in texts]
-    if any(w is None for w in where):
-        return None
-    return _finish_rows([vectors[s][r] for s, r in where], normalize)
+    return facts if record.get("source") == _default_source_key() else None
 
 
 # ============================================================================ prompts and answer parsing
