@@ -190,7 +190,7 @@ def _normalize_text(text: str) -> str:
 
 def _rating_feedback(t: str) -> str | None:
     """Like when a rating is at least 80% of its scale (4 of 5 stars), else dislike; None: no rating."""
-    for pattern, scale in _RATINGS[:2]:
+    for pattern, scale in _RATINGS:  # the last pattern, a bare number, never meets a star
         m = pattern.search(t)
         if m:
             value, top = float(m.group(1).replace(",", ".")), scale or float(m.group(2))
@@ -198,9 +198,6 @@ def _rating_feedback(t: str) -> str | None:
                 return "like" if value / top >= 0.8 else "dislike"
     if "★" in t:
         return "like" if t.count("★") >= 4 else "dislike"
-    m = _RATINGS[2][0].search(t)
-    if m and float(m.group(1).replace(",", ".")) <= 5:
-        return "like" if float(m.group(1).replace(",", ".")) >= 4 else "dislike"
     return None
 
 
@@ -439,8 +436,7 @@ def chat_widget(rec: ConvRecommender, session: Conversation | None = None, *, wi
     text = w.Text(placeholder="What do you like? Or answer yes / no / haven't seen it, then press Send.",
                   layout=w.Layout(width="75%"))
     send = w.Button(description="Send", button_style="primary")
-    transcript = w.HTML(f"<b>bot</b>: Hi! {html.escape(_HELP)}")
-    recommendations = w.HTML()
+    transcript, recommendations = w.HTML(), w.HTML()  # filled by render()
 
     def render() -> None:
         transcript.value = f"<b>bot</b>: Hi! {html.escape(_HELP)}" + "".join(
