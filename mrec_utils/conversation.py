@@ -202,12 +202,10 @@ def _rating_feedback(t: str) -> str | None:
 
 
 def parse_feedback(text: str) -> str | None:
-    """A reply to a suggestion as ``"like"``, ``"dislike"``, ``"unseen"`` or None (not feedback).
-
-    Ratings: like at >= 80% of the scale ("4/5", "8 out of 10", "4 stars", "★★★★", a bare "4.5").
-    Emoji alone count. Words count on the first clause only (up to ``.,;!?``), so "No. I prefer
-    comedies" is a dislike and a new statement; a first clause of more than eight words is a
-    statement unless it starts with yes/no. Negations win ("not good"), except "not bad"."""
+    """A reply to a suggestion as ``"like"``, ``"dislike"``, ``"unseen"`` or None (not feedback). Ratings: like at >=
+    80% of the scale ("4/5", "8 out of 10", "4 stars", "★★★★", a bare "4.5"). Emoji alone count. Words count on the
+    first clause only (up to ``.,;!?``), so "No. I prefer comedies" is a dislike and a new statement; a first clause of
+    more than eight words is a statement unless it starts with yes/no. Negations win ("not good"), except "not bad"."""
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}.")
     t = _normalize_text(text)
@@ -387,14 +385,13 @@ def _respond(rec: ConvRecommender, session: Conversation, user_turn: str, with_r
 
 
 def respond(rec: ConvRecommender, session: Conversation, user_turn: str, *, with_reason: bool = True) -> Reply:
-    """Answer one turn of the user and update ``session`` in place; any string gets a sensible reply.
-
-    Empty or letter-less text: a clarifying question. ``quit``: goodbye with a summary; ``help``: how to talk to it.
-    Feedback on the last suggestion (:func:`parse_feedback`): recorded, the head re-adapted from its initialisation, the
-    next film suggested ("No. Something lighter please" is also a statement). Anything else is a taste statement
-    (averaged with earlier ones). Over :data:`MAX_CHARS` characters: truncated, and the reply says so; mostly non-Latin
-    script: the reply says the model works best in English. ``with_reason=False`` skips the model's reason (template).
-    TypeError when ``user_turn`` is not a str (e.g. None from a broken input widget)."""
+    """Answer one turn of the user and update ``session`` in place; any string gets a sensible reply. Empty or
+    letter-less text: a clarifying question. ``quit``: goodbye with a summary; ``help``: how to talk to it. Feedback on
+    the last suggestion (:func:`parse_feedback`): recorded, the head re-adapted from its initialisation, the next film
+    suggested ("No. Something lighter please" is also a statement). Anything else is a taste statement (averaged with
+    earlier ones). Over :data:`MAX_CHARS` characters: truncated, and the reply says so; mostly non-Latin script: the
+    reply says the model works best in English. ``with_reason=False`` skips the model's reason (template). TypeError
+    when ``user_turn`` is not a str (e.g. None from a broken input widget)."""
     if not isinstance(user_turn, str):
         raise TypeError(f"user_turn must be a str, got {type(user_turn).__name__}.")
     reply = _respond(rec, session, user_turn, with_reason)

@@ -504,12 +504,10 @@ def _frames(release: Release, raw: dict[str, bytes], where: str) -> MovieLens:
 
 def load_movielens(name: str = DEFAULT_RELEASE, data_dir: str | os.PathLike | None = None, *,
                    download: bool = True, progress: bool = True) -> MovieLens:
-    """Load a MovieLens release (a key of :data:`RELEASES`) as tidy DataFrames (module docstring).
-
-    ``data_dir`` (a folder with ``<name>.zip`` or ``<name>/``) is searched before ``$MREC_DATA_DIR``
-    and the user cache; without a copy, ``download`` fetches the official archive into the cache.
-    Raises ValueError (unknown name), DataNotFoundError (no copy: says the URL and where to put
-    it), ChecksumError, MalformedFileError or CorruptArchiveError (damaged data)."""
+    """Load a MovieLens release (a key of :data:`RELEASES`) as tidy DataFrames (module docstring). ``data_dir`` (a
+    folder with ``<name>.zip`` or ``<name>/``) is searched before ``$MREC_DATA_DIR`` and the user cache; without a copy,
+    ``download`` fetches the official archive into the cache. Raises ValueError (unknown name), DataNotFoundError (no
+    copy: says the URL and where to put it), ChecksumError, MalformedFileError or CorruptArchiveError (damaged data)."""
     if not isinstance(name, str):
         raise TypeError(f"name must be a release name (str), got {type(name).__name__}; valid names: "
                         f"{', '.join(available_releases())}")
@@ -550,11 +548,10 @@ def _top_tags(tags: pd.DataFrame, max_tags: int) -> dict[int, list[str]]:
 
 def item_text(items: pd.DataFrame, tags: pd.DataFrame | None = None, max_tags: int = 3) -> pd.Series:
     """One line of text per movie (str Series indexed by ``item_id``, in the order of ``items``), e.g.
-    ``"Toy Story (1995). Genres: Adventure, Animation, Children, Comedy, Fantasy. Tags: pixar, fun."``
-
-    ``items``, ``tags``: :attr:`MovieLens.items` and :attr:`MovieLens.tags` (or frames with their
-    columns). Parts without data are left out. Tags are lower-cased, whitespace-normalised and
-    counted once per user; the ``max_tags`` most frequent are kept, ties alphabetical."""
+    ``"Toy Story (1995). Genres: Adventure, Animation, Children, Comedy, Fantasy. Tags: pixar, fun."`` ``items``,
+    ``tags``: :attr:`MovieLens.items` and :attr:`MovieLens.tags` (or frames with their columns). Parts without data are
+    left out. Tags are lower-cased, whitespace-normalised and counted once per user; the ``max_tags`` most frequent are
+    kept, ties alphabetical."""
     for frame, cols, what in ((items, ("item_id", "title", "genres"), "items"), (tags, ("item_id", "tag"), "tags")):
         missing = [] if frame is None else [c for c in cols if c not in frame.columns]
         if missing:

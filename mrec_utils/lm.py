@@ -74,10 +74,9 @@ class LoadedLM:
 
 def load_causal_lm(name: str | os.PathLike | None = None, device: str | torch.device | None = None,
                    dtype: torch.dtype | str = torch.float32) -> LoadedLM:
-    """Load a causal LM and its tokenizer, once per process and arguments (``load_causal_lm.cache_clear()``).
-
-    ``name``: ``None`` for the offline default (:data:`DEFAULT_LM`; de-quantising it takes 15-25 s on a 2-core CPU), a
-    Hugging Face model id (the Hub or the local HF cache), a model folder or a ``.gguf`` file. ``device``: ``None`` ->
+    """Load a causal LM and its tokenizer, once per process and arguments (``load_causal_lm.cache_clear()``). ``name``:
+    ``None`` for the offline default (:data:`DEFAULT_LM`; de-quantising it takes 15-25 s on a 2-core CPU), a Hugging
+    Face model id (the Hub or the local HF cache), a model folder or a ``.gguf`` file. ``device``: ``None`` ->
     :func:`mrec_utils.train.get_device`; ``dtype`` e.g. ``"bfloat16"``. Raises :class:`ModelNotAvailableError` (saying
     how to install or reach the model) or ``FileNotFoundError`` (a path that does not exist)."""
     name = None if name is None else os.fspath(name)
@@ -187,13 +186,11 @@ def _quiet_transformers_bars() -> Iterator[None]:
 def generate(lm: LoadedLM, prompt_or_messages: str | Messages | Sequence[str | Messages], max_new_tokens: int = 64,
              *, chat: bool | None = None, repetition_penalty: float = 1.0, batch_size: int = 8) -> str | list[str]:
     """Greedy (deterministic) continuation of a prompt, or chat reply: the new text, stripped, a ``str`` per input (a
-    list for a batch).
-
-    ``prompt_or_messages``: a string, one conversation (``[{"role", "content"}, ...]``) or a list of those (left-padded
-    in batches of ``batch_size``; rarely, floating-point ties make batched output differ). ``chat``: ``None`` applies
-    the chat template to message lists only, ``True`` also to a string; without a template, messages become a
-    ``"User: ...\\nAssistant:"`` transcript. ``repetition_penalty > 1`` discourages loops. ValueError: a prompt too long
-    for the context."""
+    list for a batch). ``prompt_or_messages``: a string, one conversation (``[{"role", "content"}, ...]``) or a list of
+    those (left-padded in batches of ``batch_size``; rarely, floating-point ties make batched output differ). ``chat``:
+    ``None`` applies the chat template to message lists only, ``True`` also to a string; without a template, messages
+    become a ``"User: ...\\nAssistant:"`` transcript. ``repetition_penalty > 1`` discourages loops. ValueError: a prompt
+    too long for the context."""
     single = isinstance(prompt_or_messages, str) or _is_messages(prompt_or_messages)
     items = [prompt_or_messages] if single else list(prompt_or_messages)
     tok, model = lm.tokenizer, lm.model

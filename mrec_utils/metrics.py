@@ -93,10 +93,9 @@ def _rank_inputs(y_true, y_score, k, mask):
 def ndcg_at_k_batch(y_true: ArrayLike, y_score: ArrayLike, k: int, gain: str = "exponential",
                     ties: str = "stable", mask: ArrayLike | None = None) -> np.ndarray:
     """Per-row nDCG@k ``[n_rows]``: the DCG of the top ``k`` by ``y_score`` over that of the ideal order.
-
-    ``y_true [n_rows, n_candidates]`` (or ``[n_candidates]``) grades >= 0, ``y_score`` the same shape,
-    finite, higher first; ``k >= 1`` (larger than n_candidates: all); ``gain`` and ``ties`` as in the
-    module docstring; ``mask`` False for padding (removed from the ranking and the ideal)."""
+    ``y_true [n_rows, n_candidates]`` (or ``[n_candidates]``) grades >= 0, ``y_score`` the same shape, finite, higher
+    first; ``k >= 1`` (larger than n_candidates: all); ``gain`` and ``ties`` as in the module docstring; ``mask`` False
+    for padding (removed from the ranking and the ideal)."""
     if gain not in ("exponential", "linear") or ties not in ("stable", "average"):
         raise ValueError(f"gain must be 'exponential' or 'linear' and ties 'stable' or 'average', got {gain!r}, {ties!r}.")
     t, s, k, m = _rank_inputs(y_true, y_score, k, mask)
@@ -157,12 +156,11 @@ def rank_of(target_score: float, other_scores: ArrayLike, ties: str = "average")
 
 def topk_metrics(scores: ArrayLike, relevant: ArrayLike, exclude: ArrayLike | None = None, k: int = 10,
                  chunk_size: int = 1024) -> dict[str, np.ndarray]:
-    """HR@k and binary nDCG@k per user, ranking the whole catalogue: float64 ``[n_users]`` arrays
-    ``hr``, ``ndcg`` (ideal DCG over ``min(n_relevant, k)`` positions) and ``n_relevant``.
-
-    ``scores``, ``relevant`` and ``exclude`` (items removed from the ranking and the relevant ones,
-    e.g. support items) are ``[n_users, n_items]``; users go in chunks of ``chunk_size``. Ties go to
-    the lower item index; the top k comes from ``np.partition`` (O(n_items) per user), then is sorted."""
+    """HR@k and binary nDCG@k per user, ranking the whole catalogue: float64 ``[n_users]`` arrays ``hr``, ``ndcg``
+    (ideal DCG over ``min(n_relevant, k)`` positions) and ``n_relevant``. ``scores``, ``relevant`` and ``exclude``
+    (items removed from the ranking and the relevant ones, e.g. support items) are ``[n_users, n_items]``; users go in
+    chunks of ``chunk_size``. Ties go to the lower item index; the top k comes from ``np.partition`` (O(n_items) per
+    user), then is sorted."""
     s_all, r_all, k = _arr(scores, "scores"), _arr(relevant, "relevant", bool), _check_k(k)
     x_all = None if exclude is None else _arr(exclude, "exclude", bool)
     if s_all.ndim != 2 or r_all.shape != s_all.shape or (x_all is not None and x_all.shape != s_all.shape):
@@ -293,12 +291,10 @@ def bootstrap_ci(values: ArrayLike, n_boot: int = 2000, alpha: float = 0.05, see
 
 def paired_bootstrap_ci(a: ArrayLike, b: ArrayLike, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0,
                         clusters: ArrayLike | None = None) -> BootstrapResult:
-    """Paired bootstrap for the mean difference of two methods on the same units (users).
-
-    Units are resampled with replacement, the same resample for both methods, so the interval
-    accounts for their correlation. The two-sided p-value comes from the bootstrap distribution
-    shifted to the null: ``(1 + #{|m* - d| >= |d|}) / (n_boot + 1)``. ``clusters``: one id per unit
-    (e.g. the user of each (seed, user) pair); then whole clusters are resampled."""
+    """Paired bootstrap for the mean difference of two methods on the same units (users). Units are resampled with
+    replacement, the same resample for both methods, so the interval accounts for their correlation. The two-sided
+    p-value comes from the bootstrap distribution shifted to the null: ``(1 + #{|m* - d| >= |d|}) / (n_boot + 1)``.
+    ``clusters``: one id per unit (e.g. the user of each (seed, user) pair); then whole clusters are resampled."""
     av, bv = _units(a, "a", n_boot, alpha), _units(b, "b", n_boot, alpha)
     if av.shape != bv.shape:
         raise ValueError(f"a and b must be aligned by unit, got shapes {av.shape} and {bv.shape}.")

@@ -301,10 +301,9 @@ def scenario_counts(split: Split) -> pd.DataFrame:
 
 @dataclass(eq=False)
 class Episode:
-    """One task: a user's support set (to adapt on) and query set (to be scored on).
-
-    Raw item ids; each set in time order (ties by item id). Shapes: support_* (k,), query_* (n,);
-    items int64, ratings float64, times float64 seconds (numeric input timestamps as given)."""
+    """One task: a user's support set (to adapt on) and query set (to be scored on). Raw item ids; each set in time
+    order (ties by item id). Shapes: support_* (k,), query_* (n,); items int64, ratings float64, times float64 seconds
+    (numeric input timestamps as given)."""
 
     user_id: int
     support_items: np.ndarray
@@ -458,11 +457,10 @@ def _episode_frame(source: Split | pd.DataFrame, users, query_pool) -> tuple[pd.
 def make_episodes(source: Split | pd.DataFrame, users: str | Sequence[int] | np.ndarray | None = None, *, seed: int = 0,
                   order: str = "random", on_short: str = "raise", query_pool: Sequence[int] | np.ndarray | None = None,
                   preset: str | EpisodePreset | None = None, **sizes: int | None) -> list[Episode]:
-    """One support/query episode per user, drawn with a generator seeded by (seed, user_id).
-
-    ``source``: a :class:`Split` (its evaluation users, with ``can_support`` / ``can_query``; ``users`` may be "train",
-    "val" or "test") or a ratings DataFrame (``users=None``: all; ``query_pool``: the item ids that may be queried).
-    Sizes: ``preset`` ("melu") or ``k_support`` and ``n_query`` (None: all that remain), optionally ``min_ratings`` /
+    """One support/query episode per user, drawn with a generator seeded by (seed, user_id). ``source``: a
+    :class:`Split` (its evaluation users, with ``can_support`` / ``can_query``; ``users`` may be "train", "val" or
+    "test") or a ratings DataFrame (``users=None``: all; ``query_pool``: the item ids that may be queried). Sizes:
+    ``preset`` ("melu") or ``k_support`` and ``n_query`` (None: all that remain), optionally ``min_ratings`` /
     ``max_ratings``. ``order="time"``: support before query (with k given, the query starts at the first candidate with
     k support candidates before it, the support the k latest of those; with ``k_support=None`` the query is the latest
     n). Users short of ratings raise :class:`NotEnoughRatingsError`, or are skipped with ``on_short="skip"``."""
@@ -538,11 +536,10 @@ class ItemIndex:
 
 def collate_episodes(episodes: Sequence[Episode], *, item_index: ItemIndex | None = None,
                      featurize: Callable[[Tensor], Tensor] | None = None, device: torch.device | str | None = None) -> TaskBatch:
-    """Pad episodes into one :class:`TaskBatch`; S and Q are the largest support and query sizes.
-
-    ``x [T, S]``: item indices (``item_index.encode``, padded with its ``pad_index``) or raw ids padded
-    with -1; with ``featurize`` (indices ``[m]`` -> ``[m, ...]``, real items only) the features, zero
-    at padding. ``y``: ratings in torch's default dtype, 0 at padding."""
+    """Pad episodes into one :class:`TaskBatch`; S and Q are the largest support and query sizes. ``x [T, S]``: item
+    indices (``item_index.encode``, padded with its ``pad_index``) or raw ids padded with -1; with ``featurize``
+    (indices ``[m]`` -> ``[m, ...]``, real items only) the features, zero at padding. ``y``: ratings in torch's default
+    dtype, 0 at padding."""
     dev = torch.device("cpu") if device is None else torch.device(device)
     pad = -1 if item_index is None else item_index.pad_index
 
@@ -724,12 +721,11 @@ def _tag_leaks(split: Split, tags: pd.DataFrame) -> dict[str, np.ndarray]:
 
 
 def visible_tags(split: Split, tags: pd.DataFrame) -> pd.DataFrame:
-    """The tags a model of this split may read (for :func:`mrec_utils.data.item_text`).
-
-    Tags come from users, and a tag can say what its author thought of a film: a held-out user's tag
-    leaks that user's test ratings into the film's text. Kept: tags by users the model may know (not the
-    evaluation users of user-cold and user+item-cold), written at or before the split's cutoff (item
-    scenarios), and, in the temporal scenario, before each evaluation user's first query interaction."""
+    """The tags a model of this split may read (for :func:`mrec_utils.data.item_text`). Tags come from users, and a tag
+    can say what its author thought of a film: a held-out user's tag leaks that user's test ratings into the film's
+    text. Kept: tags by users the model may know (not the evaluation users of user-cold and user+item-cold), written at
+    or before the split's cutoff (item scenarios), and, in the temporal scenario, before each evaluation user's first
+    query interaction."""
     _need(isinstance(tags, pd.DataFrame) and {"user_id", "item_id", "tag", "timestamp"} <= set(tags.columns),
           "tags must be MovieLens.tags (user_id, item_id, tag, timestamp) from load_movielens()", TypeError)
     leaks = _tag_leaks(split, tags)
@@ -739,12 +735,11 @@ def visible_tags(split: Split, tags: pd.DataFrame) -> pd.DataFrame:
 
 def check_no_leakage(split: Split, episodes: Sequence[Episode] | None = None,
                      tags: pd.DataFrame | None = None) -> LeakageReport:
-    """Re-check a split (and its evaluation episodes, tags) for leakage from scratch; a :class:`LeakageReport`.
-
-    Split: val and test users disjoint; no query candidate in ``train``; user-cold and user+item-cold: no evaluation
-    user in ``train``; item scenarios: no new item in ``train``, queries only on new items, no new item rated at or
-    before the cutoff; temporal: per evaluation user, every support-pool and training time <= every query-pool time.
-    Episodes: no item in both sets (or twice in one), no query in ``train``, the scenario's rules. Tags: none that
+    """Re-check a split (and its evaluation episodes, tags) for leakage from scratch; a :class:`LeakageReport`. Split:
+    val and test users disjoint; no query candidate in ``train``; user-cold and user+item-cold: no evaluation user in
+    ``train``; item scenarios: no new item in ``train``, queries only on new items, no new item rated at or before the
+    cutoff; temporal: per evaluation user, every support-pool and training time <= every query-pool time. Episodes: no
+    item in both sets (or twice in one), no query in ``train``, the scenario's rules. Tags: none that
     :func:`visible_tags` would drop."""
     rep = LeakageReport(scenario=split.scenario)
     _check_split(split, rep)

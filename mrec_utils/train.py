@@ -108,9 +108,8 @@ class EarlyStopping:
             raise ValueError(f"mode must be 'min' or 'max', got {self.mode!r}.")
 
     def step(self, value: float, state: State | None = None) -> bool:
-        """Record one validation value (and the current ``state``); True when training should stop.
-
-        Raises: ValueError: if ``value`` is NaN (training diverged; lower the learning rate)."""
+        """Record one validation value (and the current ``state``); True when training should stop. Raises: ValueError:
+        if ``value`` is NaN (training diverged; lower the learning rate)."""
         value = float(value.item() if hasattr(value, "item") else value)
         if math.isnan(value):
             raise ValueError("monitored value is NaN: training diverged; lower the learning rate or check the loss.")
