@@ -163,12 +163,10 @@ RELEASES: dict[str, Release] = {r.name: r for r in (
 
 #: ml-1m ``users.dat`` occupation codes, from the ml-1m README.
 ML1M_OCCUPATIONS: dict[int, str] = {
-    0: "other or not specified", 1: "academic/educator", 2: "artist", 3: "clerical/admin",
-    4: "college/grad student", 5: "customer service", 6: "doctor/health care",
-    7: "executive/managerial", 8: "farmer", 9: "homemaker", 10: "K-12 student", 11: "lawyer",
-    12: "programmer", 13: "retired", 14: "sales/marketing", 15: "scientist", 16: "self-employed",
-    17: "technician/engineer", 18: "tradesman/craftsman", 19: "unemployed", 20: "writer",
-}
+    0: "other or not specified", 1: "academic/educator", 2: "artist", 3: "clerical/admin", 4: "college/grad student",
+    5: "customer service", 6: "doctor/health care", 7: "executive/managerial", 8: "farmer", 9: "homemaker",
+    10: "K-12 student", 11: "lawyer", 12: "programmer", 13: "retired", 14: "sales/marketing", 15: "scientist",
+    16: "self-employed", 17: "technician/engineer", 18: "tradesman/craftsman", 19: "unemployed", 20: "writer"}
 
 #: ml-1m ``users.dat`` age-group codes (each code is the group's lower bound; 1 = under 18).
 ML1M_AGE_GROUPS: dict[int, str] = {1: "Under 18", 18: "18-24", 25: "25-34", 35: "35-44", 45: "45-49", 50: "50-55",
