@@ -214,8 +214,8 @@ def search_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
 
 
 def _find_local(release: Release, dirs: Sequence[Path]) -> tuple[str, Path] | None:
-    """``("folder" | "zip", path)`` of the first copy in ``dirs``: a complete folder, else the zip; a
-    partial folder raises, naming the missing file."""
+    """``("folder" | "zip", path)`` of the first copy in ``dirs``: a complete folder, else the zip; a partial folder
+    raises, naming the missing file."""
     for d in dirs:
         folder, archive = d / release.folder, d / release.archive_name
         if not folder.is_dir() and d.name == release.folder and (d / release.ratings_file).is_file():

