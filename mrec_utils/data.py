@@ -442,13 +442,11 @@ def _parse(data: bytes, t: _Table, fname: str, where: str) -> pd.DataFrame:
                              "format; replace it with the file from the official archive.", file=fname, line=bad[0]) from cause
 
 
-def _utc(seconds: pd.Series) -> pd.Series:
-    return pd.to_datetime(seconds, unit="s", utc=True).astype("datetime64[ns, UTC]")
-
-
-def _ratings_frame(df: pd.DataFrame) -> pd.DataFrame:
+def _events(df: pd.DataFrame, column: str, dtype: type | str) -> pd.DataFrame:
+    """Ratings or tags: ``user_id``, ``item_id``, ``column`` as ``dtype`` and the Unix-seconds ``timestamp`` in UTC."""
+    timestamp = pd.to_datetime(df["timestamp"], unit="s", utc=True).astype("datetime64[ns, UTC]")
     return pd.DataFrame({"user_id": df["user_id"].astype("int64"), "item_id": df["item_id"].astype("int64"),
-                         "rating": df["rating"].astype("float64"), "timestamp": _utc(df["timestamp"])})
+                         column: df[column].astype(dtype), "timestamp": timestamp})
 
 
 def _items_frame(item_id: pd.Series, titles: pd.Series, genres: list[list[str]], fallback_year=None) -> pd.DataFrame:
@@ -477,11 +475,9 @@ def _frames(release: Release, raw: dict[str, bytes], where: str) -> MovieLens:
     def read(fname: str, table: str) -> pd.DataFrame:
         return _parse(raw[fname], _TABLES[layout, table], fname, where)
 
-    ratings, m = _ratings_frame(read(release.ratings_file, "ratings")), read(release.items_file, "items")
+    ratings, m = _events(read(release.ratings_file, "ratings"), "rating", "float64"), read(release.items_file, "items")
     if layout == "latest":
-        t = read(release.tags_file, "tags")
-        tags = pd.DataFrame({"user_id": t["user_id"].astype("int64"), "item_id": t["item_id"].astype("int64"),
-                             "tag": t["tag"].astype(str), "timestamp": _utc(t["timestamp"])})
+        tags = _events(read(release.tags_file, "tags"), "tag", str)
         return MovieLens(release.name, ratings, _items_frame(m["item_id"], m["title"], _genre_lists(m["genres"])), tags=tags)
     u = read(release.users_file, "users")
     if layout == "1m":
