@@ -45,8 +45,8 @@ Inputs = Union[Tensor, tuple[Tensor, ...]]
 """Model input: one tensor, or a tuple of tensors passed as positional arguments to ``forward``."""
 
 
-def _need(ok: bool, message: str, error: type[Exception] = ValueError) -> None:
-    """The one validation helper: raise ``error(message)`` unless ``ok``."""
+def _need(ok: bool, message: str, error: Callable[[str], Exception] = ValueError) -> None:
+    """The one validation helper: raise ``error(message)`` (an exception class or a function making one) unless ok."""
     if not ok:
         raise error(message)
 
@@ -369,43 +369,36 @@ def _user_rng(seed: int, user_id: int) -> np.random.Generator:
 def _draw_random(rng: np.random.Generator, s_idx: np.ndarray, q_idx: np.ndarray, k, n, short):
     """Support and query positions drawn at random (the query first when its size is given)."""
     if n is None:
-        if len(s_idx) < k:
-            raise short(f"k_support={k} is larger than the {len(s_idx)} support candidates")
+        _need(len(s_idx) >= k, f"k_support={k} is larger than the {len(s_idx)} support candidates", short)
         sup = rng.choice(s_idx, size=k, replace=False)
         qry = np.setdiff1d(q_idx, sup)
-        if len(qry) == 0:
-            raise short(f"no query candidate is left after drawing k_support={k}")
+        _need(len(qry) > 0, f"no query candidate is left after drawing k_support={k}", short)
         return sup, qry
-    if len(q_idx) < n:
-        raise short(f"n_query={n} is larger than the {len(q_idx)} query candidates")
+    _need(len(q_idx) >= n, f"n_query={n} is larger than the {len(q_idx)} query candidates", short)
     qry = rng.choice(q_idx, size=n, replace=False)
     rest = np.setdiff1d(s_idx, qry)
     if k is None:
-        if len(rest) == 0:
-            raise short(f"no support candidate is left after drawing n_query={n}")
+        _need(len(rest) > 0, f"no support candidate is left after drawing n_query={n}", short)
         return rest, qry
-    if len(rest) < k:
-        raise short(f"k_support={k} is larger than the {len(rest)} support candidates left after drawing n_query={n}")
+    _need(len(rest) >= k, f"k_support={k} is larger than the {len(rest)} support candidates left after drawing "
+          f"n_query={n}", short)
     return rng.choice(rest, size=k, replace=False), qry
 
 
 def _draw_in_time(s_idx: np.ndarray, q_idx: np.ndarray, k, n, short):
     """Support before query; positions index the user's time-sorted rows."""
     if k is None:
-        if len(q_idx) < n:
-            raise short(f"n_query={n} is larger than the {len(q_idx)} query candidates")
+        _need(len(q_idx) >= n, f"n_query={n} is larger than the {len(q_idx)} query candidates", short)
         qry = q_idx[len(q_idx) - n:]
         sup = s_idx[s_idx < qry[0]]
-        if len(sup) == 0:
-            raise short(f"no support candidate precedes the latest n_query={n} query candidates")
+        _need(len(sup) > 0, f"no support candidate precedes the latest n_query={n} query candidates", short)
         return sup, qry
     # the earliest query position with at least k support candidates before it
     ok = np.flatnonzero(np.searchsorted(s_idx, q_idx) >= max(k, 1))
-    if len(ok) == 0:
-        raise short(f"no query candidate has k_support={k} support candidates before it")
+    _need(len(ok) > 0, f"no query candidate has k_support={k} support candidates before it", short)
     avail = q_idx[ok[0]:]
-    if n is not None and len(avail) < n:
-        raise short(f"only {len(avail)} query candidates follow the first {k} support candidates, fewer than n_query={n}")
+    _need(n is None or len(avail) >= n, f"only {len(avail)} query candidates follow the first {k} support candidates, "
+          f"fewer than n_query={n}", short)
     qry = avail if n is None else avail[:n]
     before = s_idx[s_idx < qry[0]]
     return before[len(before) - k:], qry
