@@ -190,7 +190,7 @@ def _normalize_text(text: str) -> str:
 
 def _rating_feedback(t: str) -> str | None:
     """Like when a rating is at least 80% of its scale (4 of 5 stars), else dislike; None: no rating."""
-    for pattern, scale in _RATINGS[:2]:
+    for pattern, scale in _RATINGS:  # the last pattern, a bare number, never meets a star
         m = pattern.search(t)
         if m:
             value, top = float(m.group(1).replace(",", ".")), scale or float(m.group(2))
@@ -198,19 +198,14 @@ def _rating_feedback(t: str) -> str | None:
                 return "like" if value / top >= 0.8 else "dislike"
     if "★" in t:
         return "like" if t.count("★") >= 4 else "dislike"
-    m = _RATINGS[2][0].search(t)
-    if m and float(m.group(1).replace(",", ".")) <= 5:
-        return "like" if float(m.group(1).replace(",", ".")) >= 4 else "dislike"
     return None
 
 
 def parse_feedback(text: str) -> str | None:
-    """A reply to a suggestion as ``"like"``, ``"dislike"``, ``"unseen"`` or None (not feedback).
-
-    Ratings: like at >= 80% of the scale ("4/5", "8 out of 10", "4 stars", "★★★★", a bare "4.5").
-    Emoji alone count. Words count on the first clause only (up to ``.,;!?``), so "No. I prefer
-    comedies" is a dislike and a new statement; a first clause of more than eight words is a
-    statement unless it starts with yes/no. Negations win ("not good"), except "not bad"."""
+    """A reply to a suggestion as ``"like"``, ``"dislike"``, ``"unseen"`` or None (not feedback). Ratings: like at >=
+    80% of the scale ("4/5", "8 out of 10", "4 stars", "★★★★", a bare "4.5"). Emoji alone count. Words count on the
+    first clause only (up to ``.,;!?``), so "No. I prefer comedies" is a dislike and a new statement; a first clause of
+    more than eight words is a statement unless it starts with yes/no. Negations win ("not good"), except "not bad"."""
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}.")
     t = _normalize_text(text)
@@ -390,14 +385,13 @@ def _respond(rec: ConvRecommender, session: Conversation, user_turn: str, with_r
 
 
 def respond(rec: ConvRecommender, session: Conversation, user_turn: str, *, with_reason: bool = True) -> Reply:
-    """Answer one turn of the user and update ``session`` in place; any string gets a sensible reply.
-
-    Empty or letter-less text: a clarifying question. ``quit``: goodbye with a summary; ``help``: how to talk to it.
-    Feedback on the last suggestion (:func:`parse_feedback`): recorded, the head re-adapted from its initialisation, the
-    next film suggested ("No. Something lighter please" is also a statement). Anything else is a taste statement
-    (averaged with earlier ones). Over :data:`MAX_CHARS` characters: truncated, and the reply says so; mostly non-Latin
-    script: the reply says the model works best in English. ``with_reason=False`` skips the model's reason (template).
-    TypeError when ``user_turn`` is not a str (e.g. None from a broken input widget)."""
+    """Answer one turn of the user and update ``session`` in place; any string gets a sensible reply. Empty or
+    letter-less text: a clarifying question. ``quit``: goodbye with a summary; ``help``: how to talk to it. Feedback on
+    the last suggestion (:func:`parse_feedback`): recorded, the head re-adapted from its initialisation, the next film
+    suggested ("No. Something lighter please" is also a statement). Anything else is a taste statement (averaged with
+    earlier ones). Over :data:`MAX_CHARS` characters: truncated, and the reply says so; mostly non-Latin script: the
+    reply says the model works best in English. ``with_reason=False`` skips the model's reason (template). TypeError
+    when ``user_turn`` is not a str (e.g. None from a broken input widget)."""
     if not isinstance(user_turn, str):
         raise TypeError(f"user_turn must be a str, got {type(user_turn).__name__}.")
     reply = _respond(rec, session, user_turn, with_reason)
@@ -439,8 +433,7 @@ def chat_widget(rec: ConvRecommender, session: Conversation | None = None, *, wi
     text = w.Text(placeholder="What do you like? Or answer yes / no / haven't seen it, then press Send.",
                   layout=w.Layout(width="75%"))
     send = w.Button(description="Send", button_style="primary")
-    transcript = w.HTML(f"<b>bot</b>: Hi! {html.escape(_HELP)}")
-    recommendations = w.HTML()
+    transcript, recommendations = w.HTML(), w.HTML()  # filled by render()
 
     def render() -> None:
         transcript.value = f"<b>bot</b>: Hi! {html.escape(_HELP)}" + "".join(

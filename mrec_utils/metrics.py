@@ -18,10 +18,13 @@ from typing import Sequence, Union
 
 import numpy as np
 
-__all__ = ["mae", "rmse", "ndcg_at_k", "ndcg_at_k_batch", "hr_at_k", "hr_at_k_batch", "rank_of", "topk_metrics",
-           "auc", "BootstrapResult", "bootstrap_ci", "paired_bootstrap_ci"]
-
 ArrayLike = Union[Sequence, np.ndarray, "torch.Tensor"]  # noqa: F821 - torch is not imported here
+
+
+def _need(ok: bool, message: str, error: type[Exception] = ValueError) -> None:
+    """The one validation helper: raise ``error(message)`` unless ``ok``."""
+    if not ok:
+        raise error(message)
 
 
 def _arr(x: ArrayLike, name: str, dtype: type = np.float64) -> np.ndarray:
@@ -31,27 +34,23 @@ def _arr(x: ArrayLike, name: str, dtype: type = np.float64) -> np.ndarray:
         x = (x.double() if x.is_floating_point() and dtype is not bool else x).numpy()
     arr = np.asarray(x)
     if dtype is bool:
-        if arr.dtype != bool and arr.size and not np.isin(arr, (0, 1)).all():
-            raise ValueError(f"{name} must be a boolean mask (or 0/1 values).")
+        _need(arr.dtype == bool or not arr.size or np.isin(arr, (0, 1)).all(),
+              f"{name} must be a boolean mask (or 0/1 values).")
         return arr.astype(bool)
-    if arr.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}.")
+    _need(arr.dtype.kind in "biuf", f"{name} must be numeric, got dtype {arr.dtype}.", TypeError)
     arr = arr.astype(dtype)
-    if arr.size == 0 or np.isnan(arr).any():
-        raise ValueError(f"{name} is empty or contains NaN; a metric needs numbers.")
+    _need(arr.size > 0 and not np.isnan(arr).any(), f"{name} is empty or contains NaN; a metric needs numbers.")
     return arr
 
 
 def _pair(y_true: ArrayLike, y_pred: ArrayLike, a: str = "y_true", b: str = "y_pred") -> tuple[np.ndarray, np.ndarray]:
     t, p = _arr(y_true, a), _arr(y_pred, b)
-    if t.shape != p.shape:
-        raise ValueError(f"{a} and {b} must have the same shape, got {t.shape} and {p.shape}.")
+    _need(t.shape == p.shape, f"{a} and {b} must have the same shape, got {t.shape} and {p.shape}.")
     return t, p
 
 
 def _check_k(k: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}.")
+    _need(not isinstance(k, bool) and isinstance(k, (int, np.integer)) and k >= 1, f"k must be an int >= 1, got {k!r}.")
     return int(k)
 
 
@@ -82,11 +81,11 @@ def _rank_inputs(y_true, y_score, k, mask):
     """Rows ``[n_rows, n]`` of grades and scores (1-D input becomes one row), k, mask or None."""
     t, s = _pair(y_true, y_score, "y_true", "y_score")
     k = _check_k(k)
-    if t.ndim not in (1, 2):
-        raise ValueError(f"y_true / y_score must be 1-D [n_candidates] or 2-D [n_rows, n_candidates], got {t.shape}.")
+    _need(t.ndim in (1, 2),
+          f"y_true / y_score must be 1-D [n_candidates] or 2-D [n_rows, n_candidates], got {t.shape}.")
     t, s = np.atleast_2d(t), np.atleast_2d(s)
-    if not np.isfinite(s).all() or (t < 0).any():
-        raise ValueError("y_score must be finite (use `mask` for padding) and y_true grades >= 0.")
+    _need(np.isfinite(s).all() and not (t < 0).any(),
+          "y_score must be finite (use `mask` for padding) and y_true grades >= 0.")
     m = None if mask is None else np.atleast_2d(_arr(mask, "mask", bool))
     if m is not None and m.shape != t.shape:
         raise ValueError(f"mask must have the shape of y_true, got {m.shape} vs {t.shape}.")
@@ -96,12 +95,11 @@ def _rank_inputs(y_true, y_score, k, mask):
 def ndcg_at_k_batch(y_true: ArrayLike, y_score: ArrayLike, k: int, gain: str = "exponential",
                     ties: str = "stable", mask: ArrayLike | None = None) -> np.ndarray:
     """Per-row nDCG@k ``[n_rows]``: the DCG of the top ``k`` by ``y_score`` over that of the ideal order.
-
-    ``y_true [n_rows, n_candidates]`` (or ``[n_candidates]``) grades >= 0, ``y_score`` the same shape,
-    finite, higher first; ``k >= 1`` (larger than n_candidates: all); ``gain`` and ``ties`` as in the
-    module docstring; ``mask`` False for padding (removed from the ranking and the ideal)."""
-    if gain not in ("exponential", "linear") or ties not in ("stable", "average"):
-        raise ValueError(f"gain must be 'exponential' or 'linear' and ties 'stable' or 'average', got {gain!r}, {ties!r}.")
+    ``y_true [n_rows, n_candidates]`` (or ``[n_candidates]``) grades >= 0, ``y_score`` the same shape, finite, higher
+    first; ``k >= 1`` (larger than n_candidates: all); ``gain`` and ``ties`` as in the module docstring; ``mask`` False
+    for padding (removed from the ranking and the ideal)."""
+    _need(gain in ("exponential", "linear") and ties in ("stable", "average"),
+          f"gain must be 'exponential' or 'linear' and ties 'stable' or 'average', got {gain!r}, {ties!r}.")
     t, s, k, m = _rank_inputs(y_true, y_score, k, mask)
     g = np.exp2(t) - 1.0 if gain == "exponential" else t
     if m is not None:
@@ -153,26 +151,23 @@ def rank_of(target_score: float, other_scores: ArrayLike, ties: str = "average")
     o, t = _arr(other_scores, "other_scores").ravel(), float(target_score)
     higher, equal = int((o > t).sum()), int((o == t).sum())
     offsets = {"pessimistic": equal, "optimistic": 0, "average": equal / 2.0}
-    if ties not in offsets:
-        raise ValueError(f"ties must be 'pessimistic', 'optimistic' or 'average', got {ties!r}.")
+    _need(ties in offsets, f"ties must be 'pessimistic', 'optimistic' or 'average', got {ties!r}.")
     return float(1 + higher + offsets[ties])
 
 
 def topk_metrics(scores: ArrayLike, relevant: ArrayLike, exclude: ArrayLike | None = None, k: int = 10,
                  chunk_size: int = 1024) -> dict[str, np.ndarray]:
-    """HR@k and binary nDCG@k per user, ranking the whole catalogue: float64 ``[n_users]`` arrays
-    ``hr``, ``ndcg`` (ideal DCG over ``min(n_relevant, k)`` positions) and ``n_relevant``.
-
-    ``scores``, ``relevant`` and ``exclude`` (items removed from the ranking and the relevant ones,
-    e.g. support items) are ``[n_users, n_items]``; users go in chunks of ``chunk_size``. Ties go to
-    the lower item index; the top k comes from ``np.partition`` (O(n_items) per user), then is sorted."""
+    """HR@k and binary nDCG@k per user, ranking the whole catalogue: float64 ``[n_users]`` arrays ``hr``, ``ndcg``
+    (ideal DCG over ``min(n_relevant, k)`` positions) and ``n_relevant``. ``scores``, ``relevant`` and ``exclude``
+    (items removed from the ranking and the relevant ones, e.g. support items) are ``[n_users, n_items]``; users go in
+    chunks of ``chunk_size``. Ties go to the lower item index; the top k comes from ``np.partition`` (O(n_items) per
+    user), then is sorted."""
     s_all, r_all, k = _arr(scores, "scores"), _arr(relevant, "relevant", bool), _check_k(k)
     x_all = None if exclude is None else _arr(exclude, "exclude", bool)
-    if s_all.ndim != 2 or r_all.shape != s_all.shape or (x_all is not None and x_all.shape != s_all.shape):
-        raise ValueError(f"scores, relevant (and exclude) must be 2-D [n_users, n_items] of one shape, got {s_all.shape}, "
-                         f"{r_all.shape}{'' if x_all is None else ', ' + str(x_all.shape)}.")
-    if not np.isfinite(s_all).all():
-        raise ValueError("scores must be finite; use `exclude` to remove items from the ranking.")
+    _need(s_all.ndim == 2 and r_all.shape == s_all.shape and (x_all is None or x_all.shape == s_all.shape),
+          f"scores, relevant (and exclude) must be 2-D [n_users, n_items] of one shape, got {s_all.shape}, "
+          f"{r_all.shape}{'' if x_all is None else ', ' + str(x_all.shape)}.")
+    _need(np.isfinite(s_all).all(), "scores must be finite; use `exclude` to remove items from the ranking.")
     n_users, n_items = s_all.shape
     kk = min(k, n_items)
     disc = _discounts(kk)
@@ -203,12 +198,11 @@ def auc(y_true: ArrayLike, y_score: ArrayLike) -> float:
     from scipy.stats import rankdata
 
     t, s = _pair(y_true, y_score, "y_true", "y_score")
-    if t.ndim != 1 or not np.isin(t, (0.0, 1.0)).all() or not np.isfinite(s).all():
-        raise ValueError("y_true must be 1-D binary labels 0/1 (binarise ratings first, e.g. rating >= 4), y_score finite.")
+    _need(t.ndim == 1 and np.isin(t, (0.0, 1.0)).all() and np.isfinite(s).all(),
+          "y_true must be 1-D binary labels 0/1 (binarise ratings first, e.g. rating >= 4), y_score finite.")
     pos = t == 1
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("AUC is undefined when y_true holds only one class; need positives and negatives.")
+    _need(n_pos > 0 and n_neg > 0, "AUC is undefined when y_true holds only one class; need positives and negatives.")
     u = rankdata(s, method="average")[pos].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
 
@@ -242,11 +236,11 @@ class BootstrapResult:
 
 
 def _units(x: ArrayLike, name: str, n_boot: int, alpha: float) -> np.ndarray:
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 100 or not 0 < alpha < 1:
-        raise ValueError(f"n_boot must be an int >= 100 and alpha in (0, 1) (0.05: a 95% interval), got {n_boot!r}, {alpha!r}.")
+    _need(not isinstance(n_boot, bool) and isinstance(n_boot, (int, np.integer)) and n_boot >= 100 and 0 < alpha < 1,
+          f"n_boot must be an int >= 100 and alpha in (0, 1) (0.05: a 95% interval), got {n_boot!r}, {alpha!r}.")
     v = _arr(x, name)
-    if v.ndim != 1 or v.size < 2 or not np.isfinite(v).all():
-        raise ValueError(f"{name} must be 1-D, finite, one value per unit (user), at least 2 units; got shape {v.shape}.")
+    _need(v.ndim == 1 and v.size >= 2 and np.isfinite(v).all(),
+          f"{name} must be 1-D, finite, one value per unit (user), at least 2 units; got shape {v.shape}.")
     return v
 
 
@@ -270,15 +264,18 @@ def _boot_means(values: np.ndarray, n_boot: int, seed: int, clusters: np.ndarray
     return out
 
 
-def _clusters(clusters: ArrayLike | None, n: int) -> np.ndarray | None:
-    if clusters is None:
-        return None
-    c = np.asarray(clusters)
-    if c.shape != (n,):
+def _interval(v: np.ndarray, n_boot: int, alpha: float, seed: int, clusters: ArrayLike | None,
+              paired: bool) -> BootstrapResult:
+    """Percentile interval of the mean of ``v [n]`` (paired: with the p-value); ``clusters [n]``: resampled whole."""
+    c, n = None if clusters is None else np.asarray(clusters), v.size
+    if c is not None and c.shape != (n,):
         raise ValueError(f"clusters must give one cluster id (e.g. the user) per value: {n} ids, got shape {c.shape}.")
-    if len(np.unique(c)) < 2:
-        raise ValueError("clusters must hold at least 2 different ids to resample.")
-    return c
+    _need(c is None or len(np.unique(c)) >= 2, "clusters must hold at least 2 different ids to resample.")
+    means, est = _boot_means(v, int(n_boot), int(seed), c), float(v.mean())
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    p = float((1 + int((np.abs(means - est) >= abs(est)).sum())) / (n_boot + 1)) if paired else None
+    return BootstrapResult(est, float(low), float(high), p, v.size, int(n_boot), float(alpha),
+                           None if c is None else len(np.unique(c)))
 
 
 def bootstrap_ci(values: ArrayLike, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0,
@@ -286,28 +283,15 @@ def bootstrap_ci(values: ArrayLike, n_boot: int = 2000, alpha: float = 0.05, see
     """Percentile bootstrap interval for the mean of per-unit values (e.g. nDCG@10 per user); the same
     inputs and seed give the same interval. ``clusters``: one id per value (e.g. the user when a user
     appears under several seeds); then whole clusters are resampled."""
-    v = _units(values, "values", n_boot, alpha)
-    c = _clusters(clusters, v.size)
-    low, high = np.quantile(_boot_means(v, int(n_boot), int(seed), c), [alpha / 2, 1 - alpha / 2])
-    return BootstrapResult(float(v.mean()), float(low), float(high), None, v.size, int(n_boot), float(alpha),
-                           None if c is None else len(np.unique(c)))
+    return _interval(_units(values, "values", n_boot, alpha), n_boot, alpha, seed, clusters, paired=False)
 
 
 def paired_bootstrap_ci(a: ArrayLike, b: ArrayLike, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0,
                         clusters: ArrayLike | None = None) -> BootstrapResult:
-    """Paired bootstrap for the mean difference of two methods on the same units (users).
-
-    Units are resampled with replacement, the same resample for both methods, so the interval
-    accounts for their correlation. The two-sided p-value comes from the bootstrap distribution
-    shifted to the null: ``(1 + #{|m* - d| >= |d|}) / (n_boot + 1)``. ``clusters``: one id per unit
-    (e.g. the user of each (seed, user) pair); then whole clusters are resampled."""
+    """Paired bootstrap for the mean difference of two methods on the same units (users). Units are resampled with
+    replacement, the same resample for both methods, so the interval accounts for their correlation. The two-sided
+    p-value comes from the bootstrap distribution shifted to the null: ``(1 + #{|m* - d| >= |d|}) / (n_boot + 1)``.
+    ``clusters``: one id per unit (e.g. the user of each (seed, user) pair); then whole clusters are resampled."""
     av, bv = _units(a, "a", n_boot, alpha), _units(b, "b", n_boot, alpha)
-    if av.shape != bv.shape:
-        raise ValueError(f"a and b must be aligned by unit, got shapes {av.shape} and {bv.shape}.")
-    d = av - bv
-    c = _clusters(clusters, d.size)
-    means, est = _boot_means(d, int(n_boot), int(seed), c), float(d.mean())
-    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    p = (1 + int((np.abs(means - est) >= abs(est)).sum())) / (n_boot + 1)
-    return BootstrapResult(est, float(low), float(high), float(p), d.size, int(n_boot), float(alpha),
-                           None if c is None else len(np.unique(c)))
+    _need(av.shape == bv.shape, f"a and b must be aligned by unit, got shapes {av.shape} and {bv.shape}.")
+    return _interval(av - bv, n_boot, alpha, seed, clusters, paired=True)

@@ -6,14 +6,9 @@ The matplotlib backend is left alone (inline in notebooks, whatever the user has
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
-
-__all__ = ["PALETTE", "set_style", "new_figure", "finish", "loglog_rank_plot", "bar_counts",
-           "SYSTEM_STAGES", "SYSTEM_FLOWS", "SystemDiagram", "system_diagram"]
 
 #: Colour-blind-safe qualitative palette (Okabe & Ito), in the order methods are plotted: blue, orange,
 #: green, vermillion, purple, sky blue, yellow, black.
@@ -94,17 +89,6 @@ SYSTEM_FLOWS: tuple[str, ...] = ("support set", "adapted\nparameters", "item sco
                                  "appended to the history")
 
 
-@dataclass
-class SystemDiagram:
-    """What :func:`system_diagram` drew: per stage label its box ``(x0, y0, width, height)`` and patch;
-    the arrows ``(source, target, (x, y) start, (x, y) end)`` in loop order and their patches."""
-
-    boxes: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
-    patches: dict[str, FancyBboxPatch] = field(default_factory=dict)
-    arrows: list[tuple[str, str, tuple[float, float], tuple[float, float]]] = field(default_factory=list)
-    arrow_patches: list[FancyArrowPatch] = field(default_factory=list)
-
-
 def _box_exit(box: tuple[float, float, float, float], toward: tuple[float, float], gap: float) -> tuple[float, float]:
     """Point where the ray from the centre of ``box`` toward ``toward`` leaves the box, moved
     ``gap`` further along the ray (so arrows start and end just outside the boxes)."""
@@ -117,7 +101,7 @@ def _box_exit(box: tuple[float, float, float, float], toward: tuple[float, float
     return cx + t * dx + gap * dx / norm, cy + t * dy + gap * dy / norm
 
 
-def system_diagram(ax, *, title: str | None = "How the pieces fit together") -> SystemDiagram:
+def system_diagram(ax, *, title: str | None = "How the pieces fit together") -> None:
     """Draw the book's system diagram, five boxes in a loop: user data -> meta-learner -> language model (top row, left
     to right) -> recommendations -> feedback (bottom row, right to left) -> back, each arrow labelled with what travels
     along it, in plain matplotlib patches. ``ax``: limits ``[0, 14] x [0, 6.6]``, axis hidden (10 x 5 inches reads
@@ -128,38 +112,27 @@ def system_diagram(ax, *, title: str | None = "How the pieces fit together") -> 
     centres = [(2.0, top + h / 2), (7.0, top + h / 2), (12.0, top + h / 2),
                (9.5, bottom + h / 2), (4.5, bottom + h / 2)]
     colours = [PALETTE[0], PALETTE[1], PALETTE[2], PALETTE[4], PALETTE[3]]
-    out = SystemDiagram()
-    for (label, what, chapters), (cx, cy), colour in zip(SYSTEM_STAGES, centres, colours):
-        box = (cx - w / 2, cy - h / 2, w, h)
-        patch = FancyBboxPatch((box[0], box[1]), w, h, boxstyle="round,pad=0.02,rounding_size=0.18",
-                               facecolor=colour, alpha=0.16, edgecolor=colour, linewidth=1.8)
-        ax.add_patch(patch)
-        # a second, opaque outline so the border keeps its full colour despite alpha
-        ax.add_patch(FancyBboxPatch((box[0], box[1]), w, h, boxstyle="round,pad=0.02,rounding_size=0.18",
-                                    facecolor="none", edgecolor=colour, linewidth=1.8))
+    boxes = [(cx - w / 2, cy - h / 2, w, h) for cx, cy in centres]
+    for (label, what, chapters), (cx, cy), (x0, y0, _, _), colour in zip(SYSTEM_STAGES, centres, boxes, colours):
+        # the filled box, then a second, opaque outline so the border keeps its full colour despite alpha
+        for fill in ({"facecolor": colour, "alpha": 0.16}, {"facecolor": "none"}):
+            ax.add_patch(FancyBboxPatch((x0, y0), w, h, boxstyle="round,pad=0.02,rounding_size=0.18", edgecolor=colour,
+                                        linewidth=1.8, **fill))
         ax.text(cx, cy + 0.45, label, ha="center", va="center", fontsize=11, fontweight="bold", color="#222222")
         ax.text(cx, cy - 0.12, what, ha="center", va="center", fontsize=8.5, color="#333333", linespacing=1.15)
         ax.text(cx, cy - 0.62, chapters, ha="center", va="center", fontsize=8, style="italic", color="#555555")
-        out.boxes[label] = box
-        out.patches[label] = patch
 
-    labels = [s[0] for s in SYSTEM_STAGES]
     gap = 0.12
     for i, flow in enumerate(SYSTEM_FLOWS):
-        a, b = labels[i], labels[(i + 1) % len(labels)]
-        ca, cb = centres[i], centres[(i + 1) % len(labels)]
-        start = _box_exit(out.boxes[a], cb, gap)
-        end = _box_exit(out.boxes[b], ca, gap)
-        arrow = FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=16, linewidth=1.6,
-                                color="#444444", shrinkA=0, shrinkB=0)
-        ax.add_patch(arrow)
+        j = (i + 1) % len(boxes)  # the arrow goes from stage i to stage j
+        start, end = _box_exit(boxes[i], centres[j], gap), _box_exit(boxes[j], centres[i], gap)
+        ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=16, linewidth=1.6,
+                                     color="#444444", shrinkA=0, shrinkB=0))
         mx, my = (start[0] + end[0]) / 2, (start[1] + end[1]) / 2
         horizontal = abs(end[1] - start[1]) < 1e-9
         ax.text(mx + (0 if horizontal else (0.25 if end[0] > start[0] else -0.25)), my + (0.22 if horizontal else 0.0),
                 flow, ha="center" if horizontal else ("left" if end[0] > start[0] else "right"),
                 va="bottom" if horizontal else "center", fontsize=8.5, color="#444444")
-        out.arrows.append((a, b, start, end))
-        out.arrow_patches.append(arrow)
 
     ax.text(7.0, (top + bottom + h) / 2, "the loop turns once per interaction", ha="center", va="center",
             fontsize=8.5, style="italic", color="#777777")
@@ -169,4 +142,3 @@ def system_diagram(ax, *, title: str | None = "How the pieces fit together") -> 
     ax.axis("off")
     if title:
         ax.set_title(title)
-    return out

@@ -17,10 +17,8 @@ GLUE_PREFIX = "application/papermill.record/"  # myst_nb.ext.glue.GLUE_PREFIX
 
 
 def glue(name: str, value: Any, display: bool = False) -> None:
-    """Store ``value`` in the cell's outputs under ``name`` for ``{glue:text}`` (not shown by default).
-
-    NumPy scalars are stored as Python numbers, so a format spec such as ``:.3f`` applies to them.
-    """
+    """Store ``value`` in the cell's outputs under ``name`` for ``{glue:text}`` (not shown by default). NumPy scalars
+    are stored as Python numbers, so a format spec such as ``:.3f`` applies to them."""
     from IPython.core.formatters import format_display_data
     from IPython.display import display as ipy_display
 

@@ -37,10 +37,6 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-__all__ = ["SCENARIOS", "SplitSettings", "Split", "make_split", "scenario_counts", "Episode", "EpisodePreset",
-           "MELU_PRESET", "NotEnoughRatingsError", "make_episodes", "ItemIndex", "TaskBatch", "collate_episodes",
-           "iterate_meta_batches", "LeakageError", "LeakageReport", "visible_tags", "check_no_leakage"]
-
 SCENARIOS: tuple[str, ...] = ("user-cold", "item-cold", "user+item-cold", "temporal")
 _ITEM_SCENARIOS = ("item-cold", "user+item-cold")
 _DISJOINT_USER_SCENARIOS = ("user-cold", "user+item-cold")
@@ -49,8 +45,8 @@ Inputs = Union[Tensor, tuple[Tensor, ...]]
 """Model input: one tensor, or a tuple of tensors passed as positional arguments to ``forward``."""
 
 
-def _need(ok: bool, message: str, error: type[Exception] = ValueError) -> None:
-    """The one validation helper: raise ``error(message)`` unless ``ok``."""
+def _need(ok: bool, message: str, error: Callable[[str], Exception] = ValueError) -> None:
+    """The one validation helper: raise ``error(message)`` (an exception class or a function making one) unless ok."""
     if not ok:
         raise error(message)
 
@@ -164,8 +160,8 @@ def _seconds(ts: pd.Series) -> np.ndarray:
 
 
 def _prepare(ratings: pd.DataFrame, what: str = "ratings") -> tuple[pd.DataFrame, np.ndarray]:
-    """Check a ratings frame (the boundary people touch); return it sorted by (user, time, item)
-    with a fresh index, and its timestamps as float seconds."""
+    """Check a ratings frame (the boundary people touch); return it sorted by (user, time, item), freshly indexed,
+    and its timestamps as float seconds."""
     _need(isinstance(ratings, pd.DataFrame), f"{what} must be a pandas DataFrame, got {type(ratings).__name__}", TypeError)
     missing = [c for c in ("user_id", "item_id", "rating", "timestamp") if c not in ratings.columns]
     _need(not missing, f"{what} is missing column(s) {missing}; expected user_id, item_id, rating, timestamp "
@@ -305,10 +301,9 @@ def scenario_counts(split: Split) -> pd.DataFrame:
 
 @dataclass(eq=False)
 class Episode:
-    """One task: a user's support set (to adapt on) and query set (to be scored on).
-
-    Raw item ids; each set in time order (ties by item id). Shapes: support_* (k,), query_* (n,);
-    items int64, ratings float64, times float64 seconds (numeric input timestamps as given)."""
+    """One task: a user's support set (to adapt on) and query set (to be scored on). Raw item ids; each set in time
+    order (ties by item id). Shapes: support_* (k,), query_* (n,); items int64, ratings float64, times float64 seconds
+    (numeric input timestamps as given)."""
 
     user_id: int
     support_items: np.ndarray
@@ -374,43 +369,36 @@ def _user_rng(seed: int, user_id: int) -> np.random.Generator:
 def _draw_random(rng: np.random.Generator, s_idx: np.ndarray, q_idx: np.ndarray, k, n, short):
     """Support and query positions drawn at random (the query first when its size is given)."""
     if n is None:
-        if len(s_idx) < k:
-            raise short(f"k_support={k} is larger than the {len(s_idx)} support candidates")
+        _need(len(s_idx) >= k, f"k_support={k} is larger than the {len(s_idx)} support candidates", short)
         sup = rng.choice(s_idx, size=k, replace=False)
         qry = np.setdiff1d(q_idx, sup)
-        if len(qry) == 0:
-            raise short(f"no query candidate is left after drawing k_support={k}")
+        _need(len(qry) > 0, f"no query candidate is left after drawing k_support={k}", short)
         return sup, qry
-    if len(q_idx) < n:
-        raise short(f"n_query={n} is larger than the {len(q_idx)} query candidates")
+    _need(len(q_idx) >= n, f"n_query={n} is larger than the {len(q_idx)} query candidates", short)
     qry = rng.choice(q_idx, size=n, replace=False)
     rest = np.setdiff1d(s_idx, qry)
     if k is None:
-        if len(rest) == 0:
-            raise short(f"no support candidate is left after drawing n_query={n}")
+        _need(len(rest) > 0, f"no support candidate is left after drawing n_query={n}", short)
         return rest, qry
-    if len(rest) < k:
-        raise short(f"k_support={k} is larger than the {len(rest)} support candidates left after drawing n_query={n}")
+    _need(len(rest) >= k, f"k_support={k} is larger than the {len(rest)} support candidates left after drawing "
+          f"n_query={n}", short)
     return rng.choice(rest, size=k, replace=False), qry
 
 
 def _draw_in_time(s_idx: np.ndarray, q_idx: np.ndarray, k, n, short):
     """Support before query; positions index the user's time-sorted rows."""
     if k is None:
-        if len(q_idx) < n:
-            raise short(f"n_query={n} is larger than the {len(q_idx)} query candidates")
+        _need(len(q_idx) >= n, f"n_query={n} is larger than the {len(q_idx)} query candidates", short)
         qry = q_idx[len(q_idx) - n:]
         sup = s_idx[s_idx < qry[0]]
-        if len(sup) == 0:
-            raise short(f"no support candidate precedes the latest n_query={n} query candidates")
+        _need(len(sup) > 0, f"no support candidate precedes the latest n_query={n} query candidates", short)
         return sup, qry
     # the earliest query position with at least k support candidates before it
     ok = np.flatnonzero(np.searchsorted(s_idx, q_idx) >= max(k, 1))
-    if len(ok) == 0:
-        raise short(f"no query candidate has k_support={k} support candidates before it")
+    _need(len(ok) > 0, f"no query candidate has k_support={k} support candidates before it", short)
     avail = q_idx[ok[0]:]
-    if n is not None and len(avail) < n:
-        raise short(f"only {len(avail)} query candidates follow the first {k} support candidates, fewer than n_query={n}")
+    _need(n is None or len(avail) >= n, f"only {len(avail)} query candidates follow the first {k} support candidates, "
+          f"fewer than n_query={n}", short)
     qry = avail if n is None else avail[:n]
     before = s_idx[s_idx < qry[0]]
     return before[len(before) - k:], qry
@@ -462,11 +450,10 @@ def _episode_frame(source: Split | pd.DataFrame, users, query_pool) -> tuple[pd.
 def make_episodes(source: Split | pd.DataFrame, users: str | Sequence[int] | np.ndarray | None = None, *, seed: int = 0,
                   order: str = "random", on_short: str = "raise", query_pool: Sequence[int] | np.ndarray | None = None,
                   preset: str | EpisodePreset | None = None, **sizes: int | None) -> list[Episode]:
-    """One support/query episode per user, drawn with a generator seeded by (seed, user_id).
-
-    ``source``: a :class:`Split` (its evaluation users, with ``can_support`` / ``can_query``; ``users`` may be "train",
-    "val" or "test") or a ratings DataFrame (``users=None``: all; ``query_pool``: the item ids that may be queried).
-    Sizes: ``preset`` ("melu") or ``k_support`` and ``n_query`` (None: all that remain), optionally ``min_ratings`` /
+    """One support/query episode per user, drawn with a generator seeded by (seed, user_id). ``source``: a
+    :class:`Split` (its evaluation users, with ``can_support`` / ``can_query``; ``users`` may be "train", "val" or
+    "test") or a ratings DataFrame (``users=None``: all; ``query_pool``: the item ids that may be queried). Sizes:
+    ``preset`` ("melu") or ``k_support`` and ``n_query`` (None: all that remain), optionally ``min_ratings`` /
     ``max_ratings``. ``order="time"``: support before query (with k given, the query starts at the first candidate with
     k support candidates before it, the support the k latest of those; with ``k_support=None`` the query is the latest
     n). Users short of ratings raise :class:`NotEnoughRatingsError`, or are skipped with ``on_short="skip"``."""
@@ -522,8 +509,7 @@ class ItemIndex:
         return len(self.item_ids)
 
     def encode(self, ids: Sequence[int] | np.ndarray, unknown: str = "raise") -> np.ndarray:
-        """Raw ids (any shape) -> int64 indices; unknown ids raise a KeyError, or map to the pad
-        index with ``unknown="pad"``."""
+        """Raw ids (any shape) -> int64 indices; unknown ids raise a KeyError (``unknown="pad"``: the pad index)."""
         arr = np.asarray(ids)
         pos = np.minimum(np.searchsorted(self.item_ids, arr), len(self.item_ids) - 1)
         known = self.item_ids[pos] == arr
@@ -542,11 +528,10 @@ class ItemIndex:
 
 def collate_episodes(episodes: Sequence[Episode], *, item_index: ItemIndex | None = None,
                      featurize: Callable[[Tensor], Tensor] | None = None, device: torch.device | str | None = None) -> TaskBatch:
-    """Pad episodes into one :class:`TaskBatch`; S and Q are the largest support and query sizes.
-
-    ``x [T, S]``: item indices (``item_index.encode``, padded with its ``pad_index``) or raw ids padded
-    with -1; with ``featurize`` (indices ``[m]`` -> ``[m, ...]``, real items only) the features, zero
-    at padding. ``y``: ratings in torch's default dtype, 0 at padding."""
+    """Pad episodes into one :class:`TaskBatch`; S and Q are the largest support and query sizes. ``x [T, S]``: item
+    indices (``item_index.encode``, padded with its ``pad_index``) or raw ids padded with -1; with ``featurize``
+    (indices ``[m]`` -> ``[m, ...]``, real items only) the features, zero at padding. ``y``: ratings in torch's default
+    dtype, 0 at padding."""
     dev = torch.device("cpu") if device is None else torch.device(device)
     pad = -1 if item_index is None else item_index.pad_index
 
@@ -598,10 +583,6 @@ class LeakageReport:
     def ok(self) -> bool:
         return not self.problems
 
-    @property
-    def codes(self) -> set[str]:
-        return {p.split(":", 1)[0] for p in self.problems}
-
     def raise_if_bad(self) -> None:
         """Raise :class:`LeakageError` listing every problem; do nothing when ``ok``."""
         if self.problems:
@@ -623,6 +604,12 @@ def _pairs(u: np.ndarray, i: np.ndarray) -> str:
     return ", ".join(f"(user {a}, item {b})" for a, b in zip(u[:3].tolist(), i[:3].tolist()))
 
 
+def _flag(problems: list[str], count: int, message: str) -> None:
+    """Record ``message`` as a problem when ``count`` (of leaking rows, users or items) is not zero."""
+    if count:
+        problems.append(message)
+
+
 def _later(earlier: pd.Series, later: pd.Series) -> pd.Index:
     """Users (the common index) whose value in ``earlier`` exceeds their value in ``later``."""
     common = earlier.index.intersection(later.index)
@@ -636,53 +623,45 @@ def _check_split(split: Split, rep: LeakageReport) -> None:
     q = ev["can_query"].to_numpy(bool)
     rep.checks.append("val/test users disjoint")
     both = np.intersect1d(split.val_users, split.test_users)
-    if len(both):
-        P.append(f"user-overlap: {len(both)} users are both validation and test users, e.g. {both[:5].tolist()}")
+    _flag(P, len(both), f"user-overlap: {len(both)} users are both validation and test users, e.g. {both[:5].tolist()}")
     for part in ("val", "test"):
         extra = np.setdiff1d(getattr(split, part)["user_id"].to_numpy(), getattr(split, f"{part}_users"))
-        if len(extra):
-            P.append(f"unknown-user: split.{part} holds users not in {part}_users, e.g. {extra[:5].tolist()}")
+        _flag(P, len(extra), f"unknown-user: split.{part} holds users not in {part}_users, e.g. {extra[:5].tolist()}")
     rep.checks.append("no query candidate in train")
     eu, ei = ev["user_id"].to_numpy(), ev["item_id"].to_numpy()
     leak = _pairs_in(eu[q], ei[q], tr)
-    if leak.any():
-        P.append(f"query-in-train: {int(leak.sum())} query candidates of evaluation users are in split.train, "
-                 f"e.g. {_pairs(eu[q][leak], ei[q][leak])}")
+    _flag(P, leak.sum(), f"query-in-train: {int(leak.sum())} query candidates of evaluation users are in split.train, "
+          f"e.g. {_pairs(eu[q][leak], ei[q][leak])}")
     if sc in _DISJOINT_USER_SCENARIOS:
         rep.checks.append("evaluation users not in train")
         for part in ("val", "test"):
             bad = np.intersect1d(getattr(split, f"{part}_users"), split.train_users)
-            if len(bad):
-                P.append(f"user-overlap: {len(bad)} {part} users also appear in split.train ({sc} needs disjoint "
-                         f"users), e.g. {bad[:5].tolist()}")
+            _flag(P, len(bad), f"user-overlap: {len(bad)} {part} users also appear in split.train ({sc} needs disjoint "
+                  f"users), e.g. {bad[:5].tolist()}")
     if sc in _ITEM_SCENARIOS:
         rep.checks.append("new items never in train; queries on new items")
         ti, new = tr["item_id"].to_numpy(), split.new_items
-        if np.isin(ti, new).any():
-            P.append(f"new-item-in-train: {int(np.isin(ti, new).sum())} training interactions are on new items, "
-                     f"e.g. items {np.unique(ti[np.isin(ti, new)])[:5].tolist()}")
+        on_new = np.isin(ti, new)
+        _flag(P, on_new.sum(), f"new-item-in-train: {int(on_new.sum())} training interactions are on new items, "
+              f"e.g. items {np.unique(ti[on_new])[:5].tolist()}")
         notnew = q & ~np.isin(ei, new)
-        if notnew.any():
-            P.append(f"query-not-new: {int(notnew.sum())} query candidates are on old items, e.g. "
-                     f"{_pairs(eu[notnew], ei[notnew])}")
+        _flag(P, notnew.sum(), f"query-not-new: {int(notnew.sum())} query candidates are on old items, e.g. "
+              f"{_pairs(eu[notnew], ei[notnew])}")
         cut = -np.inf if split.cutoff is None or not len(ev) else _seconds(pd.Series([split.cutoff]))[0]
         early = np.isin(ei, new) & (_seconds(ev["timestamp"]) <= cut)
-        if early.any():
-            P.append(f"new-item-before-cutoff: {int(early.sum())} ratings of 'new' items are at or before the cutoff "
-                     f"{split.cutoff}, e.g. items {np.unique(ei[early])[:5].tolist()}")
+        _flag(P, early.sum(), f"new-item-before-cutoff: {int(early.sum())} ratings of 'new' items are at or before the "
+              f"cutoff {split.cutoff}, e.g. items {np.unique(ei[early])[:5].tolist()}")
     if sc == "temporal" and len(ev):
         rep.checks.append("support pool and training data precede each user's query pool")
         g = pd.DataFrame({"u": eu, "t": _seconds(ev["timestamp"]), "s": ev["can_support"].to_numpy(bool), "q": q})
         qmin, smax = g[g.q].groupby("u").t.min(), g[g.s].groupby("u").t.max()
         tmax = pd.Series(_seconds(tr["timestamp"])).groupby(tr["user_id"].to_numpy()).max()
         bad = _later(smax, qmin)
-        if len(bad):
-            P.append(f"time-order: {len(bad)} users have a support candidate later than a query candidate, "
-                     f"e.g. users {bad[:5].tolist()}")
+        _flag(P, len(bad), f"time-order: {len(bad)} users have a support candidate later than a query candidate, "
+              f"e.g. users {bad[:5].tolist()}")
         bad = _later(tmax, qmin)
-        if len(bad):
-            P.append(f"train-after-query: {len(bad)} evaluation users have training interactions later than "
-                     f"their first query candidate, e.g. users {bad[:5].tolist()}")
+        _flag(P, len(bad), f"train-after-query: {len(bad)} evaluation users have training interactions later than "
+              f"their first query candidate, e.g. users {bad[:5].tolist()}")
 
 
 def _check_episodes(split: Split, episodes: Sequence[Episode], rep: LeakageReport) -> None:
@@ -693,28 +672,27 @@ def _check_episodes(split: Split, episodes: Sequence[Episode], rep: LeakageRepor
     tmax = pd.Series(_seconds(tr["timestamp"])).groupby(tr["user_id"].to_numpy()).max().to_dict() if len(tr) else {}
     for e in episodes:
         both = np.intersect1d(e.support_items, e.query_items)
-        if len(both):
-            P.append(f"query-in-support: user {e.user_id}'s episode has items {both[:5].tolist()} in both support and query")
+        _flag(P, len(both), f"query-in-support: user {e.user_id}'s episode has items {both[:5].tolist()} in both "
+              "support and query")
         for name, arr in (("support", e.support_items), ("query", e.query_items)):
-            if len(np.unique(arr)) != len(arr):
-                P.append(f"duplicate-in-episode: user {e.user_id}'s {name} set repeats an item")
-        if sc in _DISJOINT_USER_SCENARIOS and e.user_id in train_users:
-            P.append(f"user-overlap: episode user {e.user_id} appears in split.train ({sc})")
+            _flag(P, len(arr) - len(np.unique(arr)),
+                  f"duplicate-in-episode: user {e.user_id}'s {name} set repeats an item")
+        _flag(P, sc in _DISJOINT_USER_SCENARIOS and e.user_id in train_users,
+              f"user-overlap: episode user {e.user_id} appears in split.train ({sc})")
         old = e.query_items[~np.isin(e.query_items, split.new_items)]
-        if sc in _ITEM_SCENARIOS and len(old):
-            P.append(f"query-not-new: user {e.user_id}'s query has old items {old[:5].tolist()}")
+        _flag(P, sc in _ITEM_SCENARIOS and len(old),
+              f"query-not-new: user {e.user_id}'s query has old items {old[:5].tolist()}")
         if sc == "temporal" and e.n and e.k:
-            if np.max(e.support_times) > np.min(e.query_times):
-                P.append(f"time-order: user {e.user_id}'s latest support time is after their earliest query time")
-            if tmax.get(e.user_id, -np.inf) > np.min(e.query_times):
-                P.append(f"train-after-query: user {e.user_id} has training interactions after their earliest query")
+            _flag(P, np.max(e.support_times) > np.min(e.query_times),
+                  f"time-order: user {e.user_id}'s latest support time is after their earliest query time")
+            _flag(P, tmax.get(e.user_id, -np.inf) > np.min(e.query_times),
+                  f"train-after-query: user {e.user_id} has training interactions after their earliest query")
     if episodes:
         qu = np.concatenate([np.full(e.n, e.user_id, np.int64) for e in episodes])
         qi = np.concatenate([np.asarray(e.query_items, np.int64) for e in episodes])
         leak = _pairs_in(qu, qi, tr)
-        if leak.any():
-            P.append(f"query-in-train: {int(leak.sum())} episode query interactions are in split.train, "
-                     f"e.g. {_pairs(qu[leak], qi[leak])}")
+        _flag(P, leak.sum(), f"query-in-train: {int(leak.sum())} episode query interactions are in split.train, "
+              f"e.g. {_pairs(qu[leak], qi[leak])}")
 
 
 def _tag_leaks(split: Split, tags: pd.DataFrame) -> dict[str, np.ndarray]:
@@ -735,12 +713,11 @@ def _tag_leaks(split: Split, tags: pd.DataFrame) -> dict[str, np.ndarray]:
 
 
 def visible_tags(split: Split, tags: pd.DataFrame) -> pd.DataFrame:
-    """The tags a model of this split may read (for :func:`mrec_utils.data.item_text`).
-
-    Tags come from users, and a tag can say what its author thought of a film: a held-out user's tag
-    leaks that user's test ratings into the film's text. Kept: tags by users the model may know (not the
-    evaluation users of user-cold and user+item-cold), written at or before the split's cutoff (item
-    scenarios), and, in the temporal scenario, before each evaluation user's first query interaction."""
+    """The tags a model of this split may read (for :func:`mrec_utils.data.item_text`). Tags come from users, and a tag
+    can say what its author thought of a film: a held-out user's tag leaks that user's test ratings into the film's
+    text. Kept: tags by users the model may know (not the evaluation users of user-cold and user+item-cold), written at
+    or before the split's cutoff (item scenarios), and, in the temporal scenario, before each evaluation user's first
+    query interaction."""
     _need(isinstance(tags, pd.DataFrame) and {"user_id", "item_id", "tag", "timestamp"} <= set(tags.columns),
           "tags must be MovieLens.tags (user_id, item_id, tag, timestamp) from load_movielens()", TypeError)
     leaks = _tag_leaks(split, tags)
@@ -750,12 +727,11 @@ def visible_tags(split: Split, tags: pd.DataFrame) -> pd.DataFrame:
 
 def check_no_leakage(split: Split, episodes: Sequence[Episode] | None = None,
                      tags: pd.DataFrame | None = None) -> LeakageReport:
-    """Re-check a split (and its evaluation episodes, tags) for leakage from scratch; a :class:`LeakageReport`.
-
-    Split: val and test users disjoint; no query candidate in ``train``; user-cold and user+item-cold: no evaluation
-    user in ``train``; item scenarios: no new item in ``train``, queries only on new items, no new item rated at or
-    before the cutoff; temporal: per evaluation user, every support-pool and training time <= every query-pool time.
-    Episodes: no item in both sets (or twice in one), no query in ``train``, the scenario's rules. Tags: none that
+    """Re-check a split (and its evaluation episodes, tags) for leakage from scratch; a :class:`LeakageReport`. Split:
+    val and test users disjoint; no query candidate in ``train``; user-cold and user+item-cold: no evaluation user in
+    ``train``; item scenarios: no new item in ``train``, queries only on new items, no new item rated at or before the
+    cutoff; temporal: per evaluation user, every support-pool and training time <= every query-pool time. Episodes: no
+    item in both sets (or twice in one), no query in ``train``, the scenario's rules. Tags: none that
     :func:`visible_tags` would drop."""
     rep = LeakageReport(scenario=split.scenario)
     _check_split(split, rep)
@@ -764,8 +740,7 @@ def check_no_leakage(split: Split, episodes: Sequence[Episode] | None = None,
     if tags is not None:
         rep.checks.append("item-text tags: none by held-out users, none after the cutoff or the query period")
         for reason, mask in _tag_leaks(split, tags).items():
-            if mask.any():
-                rep.problems.append(f"tag-leak: {int(mask.sum())} tags were written {reason}, e.g. "
-                                    f"{_pairs(tags['user_id'].to_numpy()[mask], tags['item_id'].to_numpy()[mask])}; "
-                                    "build item texts from tasks.visible_tags(split, tags)")
+            _flag(rep.problems, mask.sum(), f"tag-leak: {int(mask.sum())} tags were written {reason}, e.g. "
+                  f"{_pairs(tags['user_id'].to_numpy()[mask], tags['item_id'].to_numpy()[mask])}; "
+                  "build item texts from tasks.visible_tags(split, tags)")
     return rep

@@ -18,8 +18,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["seed_everything", "get_device", "versions", "TIE_TOL", "pick_best", "EarlyStopping", "progress"]
-
 TIE_TOL = 1e-9
 """Validation values closer than this are a tie, won by the earlier candidate. In float64 two machines
 differ by about 1e-13, so a choice never depends on which machine computed it."""
@@ -110,9 +108,8 @@ class EarlyStopping:
             raise ValueError(f"mode must be 'min' or 'max', got {self.mode!r}.")
 
     def step(self, value: float, state: State | None = None) -> bool:
-        """Record one validation value (and the current ``state``); True when training should stop.
-
-        Raises: ValueError: if ``value`` is NaN (training diverged; lower the learning rate)."""
+        """Record one validation value (and the current ``state``); True when training should stop. Raises: ValueError:
+        if ``value`` is NaN (training diverged; lower the learning rate)."""
         value = float(value.item() if hasattr(value, "item") else value)
         if math.isnan(value):
             raise ValueError("monitored value is NaN: training diverged; lower the learning rate or check the loss.")
