@@ -147,8 +147,5 @@ def paired(per_user: pd.DataFrame, a: str, b: str, metric: str, *, clusters: boo
 
 
 def verdict(ci: metrics.BootstrapResult, metric: str, a: str = "a", b: str = "b") -> str:
-    """The words for an interval of ``a - b``: "<a> better", "<b> better" or "not distinguishable"."""
-    if ci.low <= 0 <= ci.high:
-        return "not distinguishable"
-    a_higher = ci.low > 0
-    return f"{a if a_higher != (metric in LOWER_IS_BETTER) else b} better"
+    """:func:`mrec_utils.metrics.verdict` for ``metric`` (lower is better for the errors of :data:`LOWER_IS_BETTER`)."""
+    return metrics.verdict(ci, metric in LOWER_IS_BETTER, a, b)

@@ -295,3 +295,11 @@ def paired_bootstrap_ci(a: ArrayLike, b: ArrayLike, n_boot: int = 2000, alpha: f
     av, bv = _units(a, "a", n_boot, alpha), _units(b, "b", n_boot, alpha)
     _need(av.shape == bv.shape, f"a and b must be aligned by unit, got shapes {av.shape} and {bv.shape}.")
     return _interval(av - bv, n_boot, alpha, seed, clusters, paired=True)
+
+
+def verdict(ci: BootstrapResult, lower_is_better: bool, a: str = "a", b: str = "b") -> str:
+    """The words for an interval of ``a - b`` (e.g. from :func:`paired_bootstrap_ci`): "<a> better" or "<b> better"
+    when the interval excludes 0, else "not distinguishable". ``lower_is_better``: True for errors (MAE)."""
+    if ci.low <= 0 <= ci.high:
+        return "not distinguishable"
+    return f"{a if (ci.low > 0) != lower_is_better else b} better"

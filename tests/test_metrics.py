@@ -352,3 +352,12 @@ def test_clustered_bootstrap_reduces_to_the_plain_one_and_pairs_by_cluster():
     assert (r_clu.high - r_clu.low) > 1.2 * (r_naive.high - r_naive.low)
     with pytest.raises(ValueError, match="one cluster id"):
         M.bootstrap_ci(a, clusters=users[:20])
+
+
+def test_verdict_follows_the_interval_and_the_direction_of_the_metric():
+    ci = lambda lo, hi: M.BootstrapResult((lo + hi) / 2, lo, hi, None, 10, 1000, 0.05)  # noqa: E731
+    assert M.verdict(ci(-0.3, -0.1), lower_is_better=True, a="maml", b="net") == "maml better"
+    assert M.verdict(ci(-0.3, -0.1), lower_is_better=False, a="maml", b="net") == "net better"
+    assert M.verdict(ci(0.1, 0.3), lower_is_better=False, a="gpt", b="popularity") == "gpt better"
+    assert M.verdict(ci(0.1, 0.3), lower_is_better=True) == "b better"
+    assert M.verdict(ci(-0.1, 0.0), lower_is_better=True) == M.verdict(ci(0.0, 0.2), False) == "not distinguishable"
