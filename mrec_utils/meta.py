@@ -34,11 +34,6 @@ from torch.func import functional_call, grad, vmap
 from mrec_utils import train
 from mrec_utils.tasks import Inputs, TaskBatch
 
-__all__ = ["Params", "split_params", "functional_forward", "load_params_", "masked_mean", "mse_loss_per_example",
-           "bce_loss_per_example", "cross_entropy_per_example", "inner_adapt", "maml_loss", "maml_loss_loop",
-           "meta_gradient", "meta_step", "reptile_step", "init_meta_sgd_lrs", "MAML", "Reptile", "MetaMethod",
-           "MetaLog", "meta_train", "prototypical_logits", "matching_logits"]
-
 Params = dict[str, Tensor]
 """Parameters ``{name: tensor}`` with the names of ``model.named_parameters()``."""
 LossFn = Callable[[Tensor, Tensor], Tensor]
