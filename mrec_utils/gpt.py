@@ -67,7 +67,6 @@ class ItemGPTSettings:
 def make_item_gpt(n_items: int, settings: ItemGPTSettings = ItemGPTSettings(), seed: int = 0,
                   item_vectors: np.ndarray | None = None) -> GPT2LMHeadModel:
     """A small GPT-2 (``transformers.GPT2LMHeadModel``, on the CPU) with ``n_items + 1`` tokens.
-
     The output layer shares its weights with the token embeddings (GPT-2's weight tying), so every film has one vector
     used both to read it and to score it. ``seed`` seeds the initial weights (the global torch RNG is left as it was);
     ``item_vectors`` ([n_items, n_embd], e.g. from :func:`cooccurrence_embeddings`) replace the film embeddings, centred
@@ -114,7 +113,6 @@ def next_item_loss(model: GPT2LMHeadModel, tokens: torch.Tensor, mask: torch.Ten
 def train_epoch(model: GPT2LMHeadModel, opt: torch.optim.Optimizer, windows: list[np.ndarray], batch_size: int,
                 rng: np.random.Generator) -> float:
     """One pass over the windows in an order drawn from ``rng``; returns the mean cross-entropy per predicted film.
-
     Dropout draws from the global torch RNG (seed it for a reproducible epoch)."""
     device = next(model.parameters()).device
     model.train()
@@ -149,14 +147,12 @@ class GPTTrainLog:
 def train_item_gpt(model: GPT2LMHeadModel | list[GPT2LMHeadModel], sequences: ItemSequences | list[np.ndarray],
                    settings: ItemGPTSettings = ItemGPTSettings(), seed: int = 0,
                    val: tuple[list[np.ndarray], np.ndarray] | None = None, progress: bool = True) -> GPTTrainLog:
-    """Train an item-GPT (or an ensemble, in place) on the windows of ``sequences``: :func:`train_epoch`
-    per epoch, then, with ``val = (histories, targets)`` of validation users, their full-catalogue
-    nDCG@10 and early stopping (``settings.patience``).
-
-    Ensemble members train in lockstep, each with its own AdamW state and shuffling (seed ``seed + i``);
-    validation scores the ensemble as a whole and every member is restored to its best epoch. ``val``
-    only decides *which epoch* is kept: the trajectory is the same without it. ``seed`` also seeds the
-    dropout masks (the global torch RNG is restored afterwards). Models are left in eval mode."""
+    """Train an item-GPT (or an ensemble, in place) on the windows of ``sequences``: :func:`train_epoch` per epoch,
+    then, with ``val = (histories, targets)`` of validation users, their full-catalogue nDCG@10 and early stopping
+    (``settings.patience``). Ensemble members train in lockstep, each with its own AdamW state and shuffling (seed
+    ``seed + i``); validation scores the ensemble as a whole and every member is restored to its best epoch. ``val``
+    only decides *which epoch* is kept: the trajectory is the same without it. ``seed`` also seeds the dropout masks
+    (the global torch RNG is restored afterwards). Models are left in eval mode."""
     members = list(model) if isinstance(model, (list, tuple)) else [model]
     windows = training_windows(sequences, members[0].config.n_positions)
     log = GPTTrainLog()
@@ -245,24 +241,20 @@ class ItemSequences:
 
 
 def build_item_vocab(ratings: pd.DataFrame, min_count: int = 5) -> np.ndarray:
-    """Film ids with at least ``min_count`` ratings in ``ratings``, sorted ascending (int64 [n_items]).
-
-    Build it from the *training* users only, so that held-out users cannot influence which films
-    exist (SASRec-style preprocessing drops rare items for the same reason: a sequence model
-    cannot learn a token it has seen a handful of times)."""
+    """Film ids with at least ``min_count`` ratings in ``ratings``, sorted ascending (int64 [n_items]). Build it from
+    the *training* users only, so that held-out users cannot influence which films exist (SASRec-style preprocessing
+    drops rare items for the same reason: a sequence model cannot learn a token it has seen a handful of times)."""
     counts = ratings["item_id"].value_counts()
     return np.sort(counts.index[counts.to_numpy() >= min_count].to_numpy().astype(np.int64))
 
 
 def user_sequences(ratings: pd.DataFrame, item_ids: np.ndarray | None = None,
                    users: Sequence[int] | np.ndarray | None = None, seed: int = 0) -> ItemSequences:
-    """Each user's films in time order, as indices into the sorted vocabulary ``item_ids`` (``None``:
-    every film in ``ratings``; other films are dropped), for ``users`` in this order (``None``: all,
-    sorted; a user without any known film gets an empty sequence).
-
-    Same-second ratings (a user rating a page of films at once) are ordered by a key seeded with
-    ``seed``, not by film id: ids follow the order films entered the catalogue, and a model could
-    learn "the next id is larger". The row order of ``ratings`` does not matter."""
+    """Each user's films in time order, as indices into the sorted vocabulary ``item_ids`` (``None``: every film in
+    ``ratings``; other films are dropped), for ``users`` in this order (``None``: all, sorted; a user without any known
+    film gets an empty sequence). Same-second ratings (a user rating a page of films at once) are ordered by a key
+    seeded with ``seed``, not by film id: ids follow the order films entered the catalogue, and a model could learn "the
+    next id is larger". The row order of ``ratings`` does not matter."""
     missing = {"user_id", "item_id", "timestamp"} - set(ratings.columns)
     if missing:
         raise ValueError(f"ratings is missing the column(s) {sorted(missing)}; pass data.load_movielens(...).ratings.")
@@ -286,7 +278,6 @@ def leave_last_out(sequences: ItemSequences | Sequence[np.ndarray], n_last: int 
                    min_history: int = 1) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """Leave-one-out cases: each of a user's last ``n_last`` positions t with at least ``min_history``
     films before it gives history ``s[:t]`` and target ``s[t]`` (``n_last=1``: the classic protocol).
-
     Returns ``(histories, targets, owner)``: history arrays, int64 targets [n_cases] and the position
     of each case's user in ``sequences`` [n_cases] (a user's cases consecutive, oldest first)."""
     seqs = _as_list(sequences)
@@ -421,7 +412,6 @@ def sample_negatives(histories: Sequence[np.ndarray], targets: np.ndarray, n_ite
 def evaluate_next_item(scores: np.ndarray, histories: Sequence[np.ndarray], targets: np.ndarray, k: int = 10,
                        n_negatives: int | None = 100, seed: int = 0) -> dict[str, np.ndarray]:
     """Leave-one-out metrics per case from ``scores [n, n_items]`` (higher = better).
-
     Full catalogue: every film but the history's is ranked; ``HR@k`` and ``nDCG@k = 1 / log2(rank + 1)``
     (:func:`mrec_utils.metrics.topk_metrics`). Sampled (unless ``n_negatives=None``): the target
     against :func:`sample_negatives`, ties counted halfway (:func:`mrec_utils.metrics.rank_of`).
