@@ -1,10 +1,8 @@
 """The item-GPT of chapter 7: a small GPT-2 whose tokens are films, trained to predict a user's next film.
 
-Read it in this order: :class:`ItemGPTSettings` (the chapter's settings), :func:`make_item_gpt` (the model),
-:func:`pad_batch` and :func:`next_item_loss` (one batch), :func:`train_epoch` (one pass over the data),
-:func:`train_item_gpt` (epochs with early stopping on validation users) and :func:`score_next_items`. Then the data
-(vocabulary, user sequences, leave-last-out cases, training windows), the baselines the GPT is compared with
-(popularity, co-occurrence) and the evaluation (history mask, sampled negatives, :func:`evaluate_next_item`).
+In file order: the settings, the model, one batch (:func:`pad_batch`, :func:`next_item_loss`), training
+(:func:`train_item_gpt`) and scoring; the data (vocabulary, user sequences, leave-last-out cases, training windows);
+the baselines (popularity, co-occurrence); the evaluation (history mask, sampled negatives, :func:`evaluate_next_item`).
 
 Conventions:
 
@@ -88,8 +86,9 @@ def make_item_gpt(n_items: int, settings: ItemGPTSettings = ItemGPTSettings(), s
     return model
 
 
-def pad_batch(sequences: Sequence[np.ndarray], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad the last ``max_len`` films of each sequence into ``(tokens, mask)``: int64 [n, L]
+def pad_batch(sequences: Sequence[np.ndarray], max_len: int,
+              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad the last ``max_len`` films of each sequence into ``(tokens, mask)`` on ``device``: int64 [n, L]
     (film index + 1, 0 = padding) and bool [n, L], ``L = min(max_len, longest sequence)``."""
     tail = [np.asarray(s, dtype=np.int64)[-max_len:] for s in sequences]
     width = max(1, max(len(s) for s in tail))
@@ -98,7 +97,7 @@ def pad_batch(sequences: Sequence[np.ndarray], max_len: int) -> tuple[torch.Tens
     for r, s in enumerate(tail):
         tokens[r, : len(s)] = s + 1
         mask[r, : len(s)] = True
-    return torch.from_numpy(tokens), torch.from_numpy(mask)
+    return torch.from_numpy(tokens).to(device), torch.from_numpy(mask).to(device)
 
 
 def next_item_loss(model: GPT2LMHeadModel, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -120,8 +119,7 @@ def train_epoch(model: GPT2LMHeadModel, opt: torch.optim.Optimizer, windows: lis
     total, count = 0.0, 0
     for start in range(0, len(order), batch_size):
         batch = [windows[j] for j in order[start : start + batch_size]]
-        tokens, mask = pad_batch(batch, model.config.n_positions)
-        tokens, mask = tokens.to(device), mask.to(device)
+        tokens, mask = pad_batch(batch, model.config.n_positions, device)
         loss = next_item_loss(model, tokens, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -196,8 +194,7 @@ def score_next_items(model: GPT2LMHeadModel | list[GPT2LMHeadModel], histories: 
     device = next(model.parameters()).device
     out = np.empty((len(histories), model.config.vocab_size - 1), dtype=np.float64)
     for b in range(0, len(histories), batch_size):
-        tokens, mask = pad_batch(histories[b : b + batch_size], model.config.n_positions)
-        tokens, mask = tokens.to(device), mask.to(device)
+        tokens, mask = pad_batch(histories[b : b + batch_size], model.config.n_positions, device)
         logits = model(input_ids=tokens, attention_mask=mask.long()).logits  # [B, L, V]
         last = mask.sum(1) - 1
         out[b : b + len(last)] = logits[torch.arange(len(last), device=device), last, 1:].double().cpu().numpy()
@@ -221,10 +218,6 @@ class ItemSequences:
     def n_items(self) -> int:
         return int(len(self.item_ids))
 
-    def lengths(self) -> np.ndarray:
-        """[n_users] int64 sequence lengths."""
-        return np.array([len(s) for s in self.sequences], dtype=np.int64)
-
     def subset(self, users: Sequence[int] | np.ndarray) -> ItemSequences:
         """The sequences of ``users`` (in the given order); KeyError for an unknown user."""
         users = np.asarray(users, dtype=np.int64).ravel()
@@ -235,7 +228,7 @@ class ItemSequences:
         return len(self.sequences)
 
     def __repr__(self) -> str:
-        n = self.lengths()
+        n = np.array([len(s) for s in self.sequences], dtype=np.int64)
         med = int(np.median(n)) if len(n) else 0
         return f"ItemSequences({len(self)} users, {self.n_items} items, {int(n.sum())} events, median length {med})"
 

@@ -139,8 +139,7 @@ def item_events(model: nn.Module, sequences: gpt.ItemSequences, is_target: np.nd
     model.eval()
     hs = []
     for b in range(0, len(hist), 256):
-        tok, mask = gpt.pad_batch(hist[b:b + 256], model.config.n_positions)
-        tok, mask = tok.to(dev), mask.to(dev)
+        tok, mask = gpt.pad_batch(hist[b:b + 256], model.config.n_positions, dev)
         h = model.transformer(inputs_embeds=model.transformer.wte(tok), attention_mask=mask.long()).last_hidden_state
         hs.append(h[torch.arange(len(tok), device=dev), mask.sum(1) - 1])  # after each history's last film
     model.train(was)
