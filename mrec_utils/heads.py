@@ -186,20 +186,16 @@ def _loss_for(target: str) -> meta.LossFn:
 
 
 @dataclass(frozen=True)
-class Pooled:
+class Pooled(meta.GradientMethod):
     """The global head's training step as a :func:`~mrec_utils.meta.meta_train` method: one Adam step
     on the masked mean loss of every rating in the batch (support and query alike; no per-user part)."""
 
     loss_fn: meta.LossFn = meta.bce_loss_per_example
 
-    def update(self, model, batch, optimizer, progress):
+    def loss(self, model, batch):
         x = torch.cat([batch.x_support, batch.x_query], 1)
         y, m = torch.cat([batch.y_support, batch.y_query], 1), torch.cat([batch.mask_support, batch.mask_query], 1)
-        loss = self.loss_fn(model(x).reshape(-1), y.reshape(-1)).reshape(y.shape)[m].mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return float(loss.detach())
+        return self.loss_fn(model(x).reshape(-1), y.reshape(-1)).reshape(y.shape)[m].mean()
 
 
 def train_global_head(model: UserHead, pools: Pools, features: Tensor, *, steps: int = 300, lr: float = 3e-3,
@@ -313,20 +309,16 @@ def _proto_scores(model: UserHead, xs: Tensor, ys: Tensor, ms: Tensor, xq: Tenso
 
 
 @dataclass(frozen=True)
-class ProtoNet:
+class ProtoNet(meta.GradientMethod):
     """A prototypical network's training step (Snell et al. 2017) as a :func:`~mrec_utils.meta.meta_train`
     method: a query film's like-logit is ``|f(x) - c_dislike|^2 - |f(x) - c_like|^2`` with the class
     means ``c`` of the embedded support (the origin for a missing class); Adam on the query's BCE."""
 
-    def update(self, model, batch, optimizer, progress):
+    def loss(self, model, batch):
         b = batch
         s = _proto_scores(model, b.x_support, b.y_support, b.mask_support, b.x_query)
         loss = meta.masked_mean(F.binary_cross_entropy_with_logits(s, b.y_query, reduction="none"), b.mask_query)
-        loss = loss[b.mask_query.any(-1)].mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return float(loss.detach())
+        return loss[b.mask_query.any(-1)].mean()
 
 
 def train_protonet(model: UserHead, pools: Pools, features: Tensor, *, steps: int = 300, lr: float = 3e-3,

@@ -270,8 +270,19 @@ class MetaMethod(Protocol):
                progress: float) -> float | None: ...
 
 
+class GradientMethod:
+    """A :class:`MetaMethod` defined by its outer loss ``self.loss(model, batch)``: one optimizer step on it."""
+
+    def update(self, model, batch, optimizer, progress):
+        optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+
 @dataclass(frozen=True)
-class MAML:
+class MAML(GradientMethod):
     """MAML and its relatives as one outer update: Adam (or any optimizer) on :func:`maml_loss`.
 
     * MAML: ``MAML(inner_steps, inner_lr)``; FOMAML: ``first_order=True``;
@@ -300,13 +311,6 @@ class MAML:
         outer losses of your own."""
         return _adapt(model, dict(params), dict(frozen or {}), x_s, y_s, mask_s, self.loss_fn, self.inner_steps,
                       self.inner_lr, self.first_order)
-
-    def update(self, model, batch, optimizer, progress):
-        optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(model, batch)
-        loss.backward()
-        optimizer.step()
-        return float(loss.detach())
 
 
 @dataclass(frozen=True)
