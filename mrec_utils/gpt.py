@@ -1,10 +1,8 @@
 """The item-GPT of chapter 7: a small GPT-2 whose tokens are films, trained to predict a user's next film.
 
-Read it in this order: :class:`ItemGPTSettings` (the chapter's settings), :func:`make_item_gpt` (the model),
-:func:`pad_batch` and :func:`next_item_loss` (one batch), :func:`train_epoch` (one pass over the data),
-:func:`train_item_gpt` (epochs with early stopping on validation users) and :func:`score_next_items`. Then the data
-(vocabulary, user sequences, leave-last-out cases, training windows), the baselines the GPT is compared with
-(popularity, co-occurrence) and the evaluation (history mask, sampled negatives, :func:`evaluate_next_item`).
+In file order: the settings, the model, one batch (:func:`pad_batch`, :func:`next_item_loss`), training
+(:func:`train_item_gpt`) and scoring; the data (vocabulary, user sequences, leave-last-out cases, training windows);
+the baselines (popularity, co-occurrence); the evaluation (history mask, sampled negatives, :func:`evaluate_next_item`).
 
 Conventions:
 
@@ -67,7 +65,6 @@ class ItemGPTSettings:
 def make_item_gpt(n_items: int, settings: ItemGPTSettings = ItemGPTSettings(), seed: int = 0,
                   item_vectors: np.ndarray | None = None) -> GPT2LMHeadModel:
     """A small GPT-2 (``transformers.GPT2LMHeadModel``, on the CPU) with ``n_items + 1`` tokens.
-
     The output layer shares its weights with the token embeddings (GPT-2's weight tying), so every film has one vector
     used both to read it and to score it. ``seed`` seeds the initial weights (the global torch RNG is left as it was);
     ``item_vectors`` ([n_items, n_embd], e.g. from :func:`cooccurrence_embeddings`) replace the film embeddings, centred
@@ -89,8 +86,9 @@ def make_item_gpt(n_items: int, settings: ItemGPTSettings = ItemGPTSettings(), s
     return model
 
 
-def pad_batch(sequences: Sequence[np.ndarray], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad the last ``max_len`` films of each sequence into ``(tokens, mask)``: int64 [n, L]
+def pad_batch(sequences: Sequence[np.ndarray], max_len: int,
+              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad the last ``max_len`` films of each sequence into ``(tokens, mask)`` on ``device``: int64 [n, L]
     (film index + 1, 0 = padding) and bool [n, L], ``L = min(max_len, longest sequence)``."""
     tail = [np.asarray(s, dtype=np.int64)[-max_len:] for s in sequences]
     width = max(1, max(len(s) for s in tail))
@@ -99,7 +97,7 @@ def pad_batch(sequences: Sequence[np.ndarray], max_len: int) -> tuple[torch.Tens
     for r, s in enumerate(tail):
         tokens[r, : len(s)] = s + 1
         mask[r, : len(s)] = True
-    return torch.from_numpy(tokens), torch.from_numpy(mask)
+    return torch.from_numpy(tokens).to(device), torch.from_numpy(mask).to(device)
 
 
 def next_item_loss(model: GPT2LMHeadModel, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -114,7 +112,6 @@ def next_item_loss(model: GPT2LMHeadModel, tokens: torch.Tensor, mask: torch.Ten
 def train_epoch(model: GPT2LMHeadModel, opt: torch.optim.Optimizer, windows: list[np.ndarray], batch_size: int,
                 rng: np.random.Generator) -> float:
     """One pass over the windows in an order drawn from ``rng``; returns the mean cross-entropy per predicted film.
-
     Dropout draws from the global torch RNG (seed it for a reproducible epoch)."""
     device = next(model.parameters()).device
     model.train()
@@ -122,8 +119,7 @@ def train_epoch(model: GPT2LMHeadModel, opt: torch.optim.Optimizer, windows: lis
     total, count = 0.0, 0
     for start in range(0, len(order), batch_size):
         batch = [windows[j] for j in order[start : start + batch_size]]
-        tokens, mask = pad_batch(batch, model.config.n_positions)
-        tokens, mask = tokens.to(device), mask.to(device)
+        tokens, mask = pad_batch(batch, model.config.n_positions, device)
         loss = next_item_loss(model, tokens, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -149,14 +145,12 @@ class GPTTrainLog:
 def train_item_gpt(model: GPT2LMHeadModel | list[GPT2LMHeadModel], sequences: ItemSequences | list[np.ndarray],
                    settings: ItemGPTSettings = ItemGPTSettings(), seed: int = 0,
                    val: tuple[list[np.ndarray], np.ndarray] | None = None, progress: bool = True) -> GPTTrainLog:
-    """Train an item-GPT (or an ensemble, in place) on the windows of ``sequences``: :func:`train_epoch`
-    per epoch, then, with ``val = (histories, targets)`` of validation users, their full-catalogue
-    nDCG@10 and early stopping (``settings.patience``).
-
-    Ensemble members train in lockstep, each with its own AdamW state and shuffling (seed ``seed + i``);
-    validation scores the ensemble as a whole and every member is restored to its best epoch. ``val``
-    only decides *which epoch* is kept: the trajectory is the same without it. ``seed`` also seeds the
-    dropout masks (the global torch RNG is restored afterwards). Models are left in eval mode."""
+    """Train an item-GPT (or an ensemble, in place) on the windows of ``sequences``: :func:`train_epoch` per epoch,
+    then, with ``val = (histories, targets)`` of validation users, their full-catalogue nDCG@10 and early stopping
+    (``settings.patience``). Ensemble members train in lockstep, each with its own AdamW state and shuffling (seed
+    ``seed + i``); validation scores the ensemble as a whole and every member is restored to its best epoch. ``val``
+    only decides *which epoch* is kept: the trajectory is the same without it. ``seed`` also seeds the dropout masks
+    (the global torch RNG is restored afterwards). Models are left in eval mode."""
     members = list(model) if isinstance(model, (list, tuple)) else [model]
     windows = training_windows(sequences, members[0].config.n_positions)
     log = GPTTrainLog()
@@ -200,8 +194,7 @@ def score_next_items(model: GPT2LMHeadModel | list[GPT2LMHeadModel], histories: 
     device = next(model.parameters()).device
     out = np.empty((len(histories), model.config.vocab_size - 1), dtype=np.float64)
     for b in range(0, len(histories), batch_size):
-        tokens, mask = pad_batch(histories[b : b + batch_size], model.config.n_positions)
-        tokens, mask = tokens.to(device), mask.to(device)
+        tokens, mask = pad_batch(histories[b : b + batch_size], model.config.n_positions, device)
         logits = model(input_ids=tokens, attention_mask=mask.long()).logits  # [B, L, V]
         last = mask.sum(1) - 1
         out[b : b + len(last)] = logits[torch.arange(len(last), device=device), last, 1:].double().cpu().numpy()
@@ -225,10 +218,6 @@ class ItemSequences:
     def n_items(self) -> int:
         return int(len(self.item_ids))
 
-    def lengths(self) -> np.ndarray:
-        """[n_users] int64 sequence lengths."""
-        return np.array([len(s) for s in self.sequences], dtype=np.int64)
-
     def subset(self, users: Sequence[int] | np.ndarray) -> ItemSequences:
         """The sequences of ``users`` (in the given order); KeyError for an unknown user."""
         users = np.asarray(users, dtype=np.int64).ravel()
@@ -239,30 +228,26 @@ class ItemSequences:
         return len(self.sequences)
 
     def __repr__(self) -> str:
-        n = self.lengths()
+        n = np.array([len(s) for s in self.sequences], dtype=np.int64)
         med = int(np.median(n)) if len(n) else 0
         return f"ItemSequences({len(self)} users, {self.n_items} items, {int(n.sum())} events, median length {med})"
 
 
 def build_item_vocab(ratings: pd.DataFrame, min_count: int = 5) -> np.ndarray:
-    """Film ids with at least ``min_count`` ratings in ``ratings``, sorted ascending (int64 [n_items]).
-
-    Build it from the *training* users only, so that held-out users cannot influence which films
-    exist (SASRec-style preprocessing drops rare items for the same reason: a sequence model
-    cannot learn a token it has seen a handful of times)."""
+    """Film ids with at least ``min_count`` ratings in ``ratings``, sorted ascending (int64 [n_items]). Build it from
+    the *training* users only, so that held-out users cannot influence which films exist (SASRec-style preprocessing
+    drops rare items for the same reason: a sequence model cannot learn a token it has seen a handful of times)."""
     counts = ratings["item_id"].value_counts()
     return np.sort(counts.index[counts.to_numpy() >= min_count].to_numpy().astype(np.int64))
 
 
 def user_sequences(ratings: pd.DataFrame, item_ids: np.ndarray | None = None,
                    users: Sequence[int] | np.ndarray | None = None, seed: int = 0) -> ItemSequences:
-    """Each user's films in time order, as indices into the sorted vocabulary ``item_ids`` (``None``:
-    every film in ``ratings``; other films are dropped), for ``users`` in this order (``None``: all,
-    sorted; a user without any known film gets an empty sequence).
-
-    Same-second ratings (a user rating a page of films at once) are ordered by a key seeded with
-    ``seed``, not by film id: ids follow the order films entered the catalogue, and a model could
-    learn "the next id is larger". The row order of ``ratings`` does not matter."""
+    """Each user's films in time order, as indices into the sorted vocabulary ``item_ids`` (``None``: every film in
+    ``ratings``; other films are dropped), for ``users`` in this order (``None``: all, sorted; a user without any known
+    film gets an empty sequence). Same-second ratings (a user rating a page of films at once) are ordered by a key
+    seeded with ``seed``, not by film id: ids follow the order films entered the catalogue, and a model could learn "the
+    next id is larger". The row order of ``ratings`` does not matter."""
     missing = {"user_id", "item_id", "timestamp"} - set(ratings.columns)
     if missing:
         raise ValueError(f"ratings is missing the column(s) {sorted(missing)}; pass data.load_movielens(...).ratings.")
@@ -286,7 +271,6 @@ def leave_last_out(sequences: ItemSequences | Sequence[np.ndarray], n_last: int 
                    min_history: int = 1) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """Leave-one-out cases: each of a user's last ``n_last`` positions t with at least ``min_history``
     films before it gives history ``s[:t]`` and target ``s[t]`` (``n_last=1``: the classic protocol).
-
     Returns ``(histories, targets, owner)``: history arrays, int64 targets [n_cases] and the position
     of each case's user in ``sequences`` [n_cases] (a user's cases consecutive, oldest first)."""
     seqs = _as_list(sequences)
@@ -421,7 +405,6 @@ def sample_negatives(histories: Sequence[np.ndarray], targets: np.ndarray, n_ite
 def evaluate_next_item(scores: np.ndarray, histories: Sequence[np.ndarray], targets: np.ndarray, k: int = 10,
                        n_negatives: int | None = 100, seed: int = 0) -> dict[str, np.ndarray]:
     """Leave-one-out metrics per case from ``scores [n, n_items]`` (higher = better).
-
     Full catalogue: every film but the history's is ranked; ``HR@k`` and ``nDCG@k = 1 / log2(rank + 1)``
     (:func:`mrec_utils.metrics.topk_metrics`). Sampled (unless ``n_negatives=None``): the target
     against :func:`sample_negatives`, ties counted halfway (:func:`mrec_utils.metrics.rank_of`).

@@ -2,13 +2,12 @@
 # Edit the chapter, then run `make export`; tests/test_export.py keeps the two in step.
 """Chapter 9: user heads on language-model features, adapted to a new user from a few ratings.
 
-Films are represented by frozen LM embeddings of their text (:func:`lm_item_features`); a user is a task
-of (film features, like) pairs (:func:`like_tasks`, :func:`like_batches`). :func:`fit_heads` trains the
-chapter's heads with the settings :class:`HeadSettings`: a global head, per-user logistic regression,
-fine-tuning, MAML / FOMAML / ANIL / Reptile, a prototypical network and the Meta-SGD residual head;
-:func:`kfold_heads` evaluates them K-fold over users, and :func:`head_study` runs the chapter's study on
-a MovieLens release. Every meta-training loop is :func:`mrec_utils.meta.meta_train`; every batch a
-:class:`mrec_utils.tasks.TaskBatch`.
+Films are represented by frozen LM embeddings of their text (:func:`lm_item_features`); a user is a task of (film
+features, like) pairs (:func:`like_tasks`, :func:`like_batches`). :func:`fit_heads` trains the chapter's heads with the
+settings :class:`HeadSettings`: a global head, per-user logistic regression, fine-tuning, MAML / FOMAML / ANIL /
+Reptile, a prototypical network and the Meta-SGD residual head; :func:`kfold_heads` evaluates them K-fold over users,
+and :func:`head_study` runs the chapter's study on a MovieLens release. Every meta-training loop is
+:func:`mrec_utils.meta.meta_train`; every batch a :class:`mrec_utils.tasks.TaskBatch`.
 """
 from __future__ import annotations
 
@@ -67,14 +66,12 @@ HEAD_METHODS = ("global", "logreg", "finetune", "maml", "fomaml", "anil", "repti
 
 @dataclass(frozen=True)
 class HeadSettings:
-    """Chapter 9's settings of the user heads (the chapter prints them; the benchmark imports them).
-
-    ``d_proj``: the heads' projection width; training steps of the global head, of MAML / FOMAML / ANIL /
-    Reptile (``meta_steps``, from the global head, Reptile's epsilon 0.5) and of the prototypical head;
-    their inner loop (``inner_steps``, ``inner_lr``) and ``outer_lr``; the Meta-SGD residual head
-    (``residual_*``: outer steps, first inner step size, outer learning rate, outer loss, validation
-    every so many steps); the grids on which validation users choose the logistic-regression penalty
-    (``logreg_l2s``) and the fine-tuning (steps, step size) (``finetune_grid``).
+    """Chapter 9's settings of the user heads (the chapter prints them; the benchmark imports them). ``d_proj``: the
+    heads' projection width; training steps of the global head, of MAML / FOMAML / ANIL / Reptile (``meta_steps``, from
+    the global head, Reptile's epsilon 0.5) and of the prototypical head; their inner loop (``inner_steps``,
+    ``inner_lr``) and ``outer_lr``; the Meta-SGD residual head (``residual_*``: outer steps, first inner step size,
+    outer learning rate, outer loss, validation every so many steps); the grids on which validation users choose the
+    logistic-regression penalty (``logreg_l2s``) and the fine-tuning (steps, step size) (``finetune_grid``).
     """
 
     d_proj: int = 32
@@ -189,20 +186,16 @@ def _loss_for(target: str) -> meta.LossFn:
 
 
 @dataclass(frozen=True)
-class Pooled:
+class Pooled(meta.GradientMethod):
     """The global head's training step as a :func:`~mrec_utils.meta.meta_train` method: one Adam step
     on the masked mean loss of every rating in the batch (support and query alike; no per-user part)."""
 
     loss_fn: meta.LossFn = meta.bce_loss_per_example
 
-    def update(self, model, batch, optimizer, progress):
+    def loss(self, model, batch):
         x = torch.cat([batch.x_support, batch.x_query], 1)
         y, m = torch.cat([batch.y_support, batch.y_query], 1), torch.cat([batch.mask_support, batch.mask_query], 1)
-        loss = self.loss_fn(model(x).reshape(-1), y.reshape(-1)).reshape(y.shape)[m].mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return float(loss.detach())
+        return self.loss_fn(model(x).reshape(-1), y.reshape(-1)).reshape(y.shape)[m].mean()
 
 
 def train_global_head(model: UserHead, pools: Pools, features: Tensor, *, steps: int = 300, lr: float = 3e-3,
@@ -316,20 +309,16 @@ def _proto_scores(model: UserHead, xs: Tensor, ys: Tensor, ms: Tensor, xq: Tenso
 
 
 @dataclass(frozen=True)
-class ProtoNet:
+class ProtoNet(meta.GradientMethod):
     """A prototypical network's training step (Snell et al. 2017) as a :func:`~mrec_utils.meta.meta_train`
     method: a query film's like-logit is ``|f(x) - c_dislike|^2 - |f(x) - c_like|^2`` with the class
     means ``c`` of the embedded support (the origin for a missing class); Adam on the query's BCE."""
 
-    def update(self, model, batch, optimizer, progress):
+    def loss(self, model, batch):
         b = batch
         s = _proto_scores(model, b.x_support, b.y_support, b.mask_support, b.x_query)
         loss = meta.masked_mean(F.binary_cross_entropy_with_logits(s, b.y_query, reduction="none"), b.mask_query)
-        loss = loss[b.mask_query.any(-1)].mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return float(loss.detach())
+        return loss[b.mask_query.any(-1)].mean()
 
 
 def train_protonet(model: UserHead, pools: Pools, features: Tensor, *, steps: int = 300, lr: float = 3e-3,
@@ -382,11 +371,10 @@ Scorer = Callable[[TaskBatch], Tensor]
 
 @dataclass
 class FittedHeads:
-    """What :func:`fit_heads` returns: ``scorers`` by method; training ``seconds`` by method (the
-    meta-learners start from the global head, whose time is ``"global"``; validation choices are timed as
-    ``"<method> (choice)"``); the trained ``heads``; ``choices``: ``logreg_l2``, ``finetune`` (steps,
-    step size), ``residual_learn_init`` (and the best validation AUC of each start, ``residual_val_auc``),
-    ``residual_lrs``, ``residual_best_step``."""
+    """What :func:`fit_heads` returns: ``scorers`` by method; training ``seconds`` by method (the meta-learners start
+    from the global head, whose time is ``"global"``; validation choices are timed as ``"<method> (choice)"``); the
+    trained ``heads``; ``choices``: ``logreg_l2``, ``finetune`` (steps, step size), ``residual_learn_init`` (and the
+    best validation AUC of each start, ``residual_val_auc``), ``residual_lrs``, ``residual_best_step``."""
 
     scorers: dict[str, Scorer] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -449,7 +437,6 @@ def _fit_one(name: str, out: FittedHeads, pools: Pools, features: Tensor, val: l
 def fit_heads(pools: Pools, features: Tensor, val: Sequence[TaskBatch], methods: Sequence[str] = HEAD_METHODS,
               settings: HeadSettings = HeadSettings(), *, choices: dict | None = None, seed: int = 0) -> FittedHeads:
     """Train chapter 9's heads on the training users' ratings (``pools``) and return one scorer per method.
-
     The global head comes first; fine-tuning, MAML, FOMAML, ANIL, Reptile and the residual head start
     from it. Validation users (``val``: like tasks, one or more draws) choose, unless ``choices`` fixes
     them: the logistic-regression penalty and the fine-tuning (steps, step size) by the mean query AUC

@@ -34,11 +34,6 @@ from torch.func import functional_call, grad, vmap
 from mrec_utils import train
 from mrec_utils.tasks import Inputs, TaskBatch
 
-__all__ = ["Params", "split_params", "functional_forward", "load_params_", "masked_mean", "mse_loss_per_example",
-           "bce_loss_per_example", "cross_entropy_per_example", "inner_adapt", "maml_loss", "maml_loss_loop",
-           "meta_gradient", "meta_step", "reptile_step", "init_meta_sgd_lrs", "MAML", "Reptile", "MetaMethod",
-           "MetaLog", "meta_train", "prototypical_logits", "matching_logits"]
-
 Params = dict[str, Tensor]
 """Parameters ``{name: tensor}`` with the names of ``model.named_parameters()``."""
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -93,7 +88,6 @@ def inner_adapt(model: nn.Module, params: Mapping[str, Tensor], frozen: Mapping[
     """Adapt ``params`` to one task: ``steps`` full-batch SGD steps ``theta <- theta - inner_lr * grad L_s``,
     ``L_s`` the masked mean of ``loss_fn`` over ``x_s [S, ...]`` (tensor or tuple), ``y_s [S, ...]``,
     ``mask_s [S]`` (None = all real); ``inner_lr`` may be Meta-SGD rates (a dict of tensors, ``⊙``).
-
     Differentiable w.r.t. ``params`` through the inner gradients (second order); works inside
     ``torch.func.vmap``; under ``torch.no_grad()`` no graph is kept (evaluation)."""
     m = torch.ones(y_s.shape[:1], dtype=torch.bool, device=y_s.device) if mask_s is None else mask_s.bool()
@@ -276,8 +270,19 @@ class MetaMethod(Protocol):
                progress: float) -> float | None: ...
 
 
+class GradientMethod:
+    """A :class:`MetaMethod` defined by its outer loss ``self.loss(model, batch)``: one optimizer step on it."""
+
+    def update(self, model, batch, optimizer, progress):
+        optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+
 @dataclass(frozen=True)
-class MAML:
+class MAML(GradientMethod):
     """MAML and its relatives as one outer update: Adam (or any optimizer) on :func:`maml_loss`.
 
     * MAML: ``MAML(inner_steps, inner_lr)``; FOMAML: ``first_order=True``;
@@ -306,13 +311,6 @@ class MAML:
         outer losses of your own."""
         return _adapt(model, dict(params), dict(frozen or {}), x_s, y_s, mask_s, self.loss_fn, self.inner_steps,
                       self.inner_lr, self.first_order)
-
-    def update(self, model, batch, optimizer, progress):
-        optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(model, batch)
-        loss.backward()
-        optimizer.step()
-        return float(loss.detach())
 
 
 @dataclass(frozen=True)
@@ -351,7 +349,6 @@ def meta_train(model: nn.Module, method: MetaMethod, sample_batch: Callable[[int
                every: int = 1, stop: train.EarlyStopping | None = None,
                keep: nn.Module | Mapping[str, Tensor] | None = None) -> MetaLog:
     """The meta-training loop: sample a meta-batch, take one outer step, validate, keep the best.
-
     ``method``: :class:`MAML` (MAML, FOMAML, ANIL, Meta-SGD), :class:`Reptile` or any :class:`MetaMethod`.
     ``sample_batch(step) -> TaskBatch``: the caller owns the randomness, so runs are reproducible. ``optimizer``: the
     outer optimizer (MAML family). ``validate() -> score`` runs after every ``every`` steps and the last; ``stop``
@@ -390,13 +387,11 @@ def _class_onehot(emb_support: Tensor, y_support: Tensor, mask_support: Tensor |
 
 def prototypical_logits(emb_support: Tensor, y_support: Tensor, emb_query: Tensor, mask_support: Tensor | None = None,
                         *, n_classes: int = 2, fallback_prototypes: Tensor | None = None) -> Tensor:
-    """Prototypical-network logits ``[..., Q, C]`` (Snell et al. 2017): ``-||f(x) - c_c||^2``, ``c_c`` the
-    mean of class c's support embeddings; never NaN for finite embeddings.
-
-    ``emb_support [..., S, D]`` (``...``: optional task dimensions), ``y_support [..., S]`` labels in
-    ``0..n_classes-1``, ``emb_query [..., Q, D]``, ``mask_support [..., S]`` (True = real) or None.
-    ``fallback_prototypes [C, D]`` (or ``[..., C, D]``, default the origin) stand in for a class
-    without support example (a ``-inf`` logit would give NaN gradients)."""
+    """Prototypical-network logits ``[..., Q, C]`` (Snell et al. 2017): ``-||f(x) - c_c||^2``, ``c_c`` the mean of class
+    c's support embeddings; never NaN for finite embeddings. ``emb_support [..., S, D]`` (``...``: optional task
+    dimensions), ``y_support [..., S]`` labels in ``0..n_classes-1``, ``emb_query [..., Q, D]``,
+    ``mask_support [..., S]`` (True = real) or None. ``fallback_prototypes [C, D]`` (or ``[..., C, D]``, default the
+    origin) stand in for a class without support example (a ``-inf`` logit would give NaN gradients)."""
     emb_s, onehot = _class_onehot(emb_support, y_support, mask_support, n_classes)
     oh = onehot.to(emb_s.dtype)
     counts = oh.sum(-2)  # [..., C]
@@ -410,7 +405,6 @@ def matching_logits(emb_support: Tensor, y_support: Tensor, emb_query: Tensor, m
                     *, n_classes: int = 2, temperature: float | Tensor = 1.0, fallback_embeddings: Tensor | None = None,
                     eps: float = 1e-8) -> Tensor:
     """Matching-network class log-probabilities (Vinyals et al. 2016), without full-context embeddings.
-
     ``P(c | q) = sum_i a(q, s_i) [y_i = c]`` with ``a = softmax_i(cos(q, s_i) / temperature)`` over the
     task's real support examples (temperature 1 is the paper's kernel). A class without support
     example gets one pseudo example at ``fallback_embeddings[c]`` (default the zero vector, cosine 0),

@@ -32,7 +32,6 @@ from mrec_utils.tasks import ItemIndex
 
 class MeLURatingModel(torch.nn.Module):
     """Embeddings of item (and user) attributes -> concatenation -> MLP -> rating.
-
     ``genre_matrix [n_catalogue, n_genres]`` (an item's genre embedding is the mean of its genres' vectors),
     ``year_bucket [n_catalogue]``; ``n_item_rows``: warm items + 1 unknown row (0: no id embedding);
     ``user_cardinalities``: codes per user attribute (0 = unknown); ``offset``: the training mean rating.
