@@ -77,8 +77,6 @@ class UnverifiedDataWarning(UserWarning):
 
 
 # ============================================================================ registry
-
-
 @dataclass(frozen=True)
 class FileSpec:
     """One member of a release archive: file name, byte size and SHA-256 (None = not recorded)."""
@@ -199,8 +197,6 @@ class MovieLens:
 
 
 # ============================================================================ finding and reading
-
-
 def cache_dir() -> Path:
     """The user cache: ``$MREC_CACHE_DIR`` if set, else ``~/.cache/mrec_utils`` (not created here)."""
     env = os.environ.get("MREC_CACHE_DIR")
@@ -329,7 +325,6 @@ def _download(release: Release, dest_dir: Path, progress: bool = True) -> Path:
 
 
 # ============================================================================ parsing
-
 #: column kinds: dtype for pandas, the allowed values (None: any) and what a reader must fix
 _KINDS = {"int": ("int64", None, "an integer"), "float": ("float64", None, "a finite number"),
           "flag": ("int8", (0, 1), "a 0/1 flag"), "gender": ("str", ("M", "F"), "M or F"),
@@ -526,8 +521,6 @@ def load_movielens(name: str = DEFAULT_RELEASE, data_dir: str | os.PathLike | No
 
 
 # ============================================================================ item text
-
-
 def _top_tags(tags: pd.DataFrame, max_tags: int) -> dict[int, list[str]]:
     """item_id -> up to ``max_tags`` normalised tags, most users first, ties alphabetical."""
     t = tags[[c for c in ("item_id", "tag", "user_id") if c in tags.columns]].dropna(subset=["tag"])

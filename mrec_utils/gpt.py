@@ -60,8 +60,6 @@ class ItemGPTSettings:
 
 
 # ============================================================================ the model, one batch, one epoch
-
-
 def make_item_gpt(n_items: int, settings: ItemGPTSettings = ItemGPTSettings(), seed: int = 0,
                   item_vectors: np.ndarray | None = None) -> GPT2LMHeadModel:
     """A small GPT-2 (``transformers.GPT2LMHeadModel``, on the CPU) with ``n_items + 1`` tokens.
@@ -203,8 +201,6 @@ def score_next_items(model: GPT2LMHeadModel | list[GPT2LMHeadModel], histories: 
 
 
 # ============================================================================ the data: vocabulary, user sequences, evaluation cases, training windows
-
-
 @dataclass
 class ItemSequences:
     """Chronological film histories: ``users [n_users]`` int64, ``sequences`` (one int64 array of film
@@ -309,8 +305,6 @@ def per_user_mean(values: np.ndarray, owner: np.ndarray) -> np.ndarray:
 
 
 # ============================================================================ baselines: popularity and co-occurrence
-
-
 def popularity_scores(sequences: ItemSequences | Sequence[np.ndarray], n_items: int) -> np.ndarray:
     """How often each film occurs in ``sequences`` (the training users): float64 [n_items]."""
     seqs = _as_list(sequences)
@@ -378,8 +372,6 @@ def cooccurrence_embeddings(counts: np.ndarray, dim: int, seed: int = 0) -> np.n
 
 
 # ============================================================================ evaluation
-
-
 def history_mask(histories: Sequence[np.ndarray], n_items: int) -> np.ndarray:
     """Boolean [n, n_items], True at the films of each history (to exclude them from a ranking)."""
     m = np.zeros((len(histories), n_items), dtype=bool)

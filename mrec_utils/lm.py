@@ -67,8 +67,6 @@ class LoadedLM:
 
 
 # ============================================================================ loading
-
-
 def load_causal_lm(name: str | os.PathLike | None = None, device: str | torch.device | None = None,
                    dtype: torch.dtype | str = torch.float32) -> LoadedLM:
     """Load a causal LM and its tokenizer, once per process and arguments (``load_causal_lm.cache_clear()``). ``name``:
@@ -176,8 +174,6 @@ def _quiet_transformers_bars() -> Iterator[None]:
 
 
 # ============================================================================ generation
-
-
 def generate(lm: LoadedLM, prompt_or_messages: str | Messages | Sequence[str | Messages], max_new_tokens: int = 64,
              *, chat: bool | None = None, repetition_penalty: float = 1.0, batch_size: int = 8) -> str | list[str]:
     """Greedy (deterministic) continuation of a prompt, or chat reply: the new text, stripped, a ``str`` per input (a
@@ -258,8 +254,6 @@ def _pad_id(tok: PreTrainedTokenizerBase) -> int:
 
 
 # ============================================================================ embeddings with a disk cache
-
-
 def embed_texts(texts: Sequence[str], lm: LoadedLM | None = None, *, pooling: Literal["mean", "last"] = "mean",
                 batch_size: int = 32, cache_dir: str | os.PathLike | None = None, normalize: bool = True,
                 progress: bool = True, layers: int | None = None, use_cache: bool = True) -> np.ndarray:
@@ -546,8 +540,6 @@ def _default_record(cache_dir: str | os.PathLike | None) -> dict[str, Any] | Non
 
 
 # ============================================================================ prompts and answer parsing
-
-
 def ranking_prompt(history_titles: Sequence[str], candidate_titles: Sequence[str], max_history: int = 20) -> Messages:
     """Chat messages (system, user) asking an LM to rank candidates, numbered ``1..n`` in the given
     order, for a user with these movies (oldest first, the last ``max_history`` shown; none: cold

@@ -45,8 +45,6 @@ AdaptSpec = Union[str, Sequence[str], Callable[[str], bool]]
 
 
 # ============================================================================ the core
-
-
 def _zero_padded(x: Tensor, mask: Tensor) -> Tensor:
     """``x [N, ...]`` with the rows where ``mask [N]`` is False replaced by zeros."""
     return torch.where(mask.reshape(mask.shape + (1,) * (x.dim() - mask.dim())), x, torch.zeros((), dtype=x.dtype, device=x.device))
@@ -187,8 +185,6 @@ def init_meta_sgd_lrs(params: Mapping[str, Tensor], init: float = 0.01) -> Param
 
 
 # ============================================================================ parameters and losses
-
-
 def split_params(model: nn.Module, adapt: AdaptSpec = "all") -> tuple[Params, Params]:
     """``(params, frozen)``: the model's own parameters (not copies) that the inner loop adapts, and the rest (which
     still get meta-gradients). ``adapt``: ``"all"`` (MAML, Reptile, Meta-SGD), ``"head"`` (the last ``nn.Linear``:
@@ -260,8 +256,6 @@ def cross_entropy_per_example(logits: Tensor, target: Tensor) -> Tensor:
 
 
 # ============================================================================ the meta-training loop
-
-
 class MetaMethod(Protocol):
     """One outer update on a meta-batch, in place; returns the outer loss or None.
     ``progress = step / n_steps`` in [0, 1) (for annealed step sizes)."""
@@ -374,8 +368,6 @@ def meta_train(model: nn.Module, method: MetaMethod, sample_batch: Callable[[int
 
 
 # ============================================================================ metric-based heads
-
-
 def _class_onehot(emb_support: Tensor, y_support: Tensor, mask_support: Tensor | None, n_classes: int):
     """(support embeddings zeroed at padding, one-hot labels of the real examples [..., S, C])."""
     mask = torch.ones(y_support.shape, dtype=torch.bool, device=y_support.device) if mask_support is None \

@@ -60,8 +60,6 @@ def _discounts(n: int) -> np.ndarray:
 
 
 # ============================================================================ rating errors
-
-
 def mae(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     """Mean absolute error ``mean(|y_true - y_pred|)``."""
     t, p = _pair(y_true, y_pred)
@@ -75,8 +73,6 @@ def rmse(y_true: ArrayLike, y_pred: ArrayLike) -> float:
 
 
 # ============================================================================ ranking
-
-
 def _rank_inputs(y_true, y_score, k, mask):
     """Rows ``[n_rows, n]`` of grades and scores (1-D input becomes one row), k, mask or None."""
     t, s = _pair(y_true, y_score, "y_true", "y_score")
@@ -208,8 +204,6 @@ def auc(y_true: ArrayLike, y_score: ArrayLike) -> float:
 
 
 # ============================================================================ bootstrap
-
-
 @dataclass(frozen=True)
 class BootstrapResult:
     """A percentile bootstrap interval: ``estimate`` (the mean, or the mean difference ``mean(a - b)``),

@@ -98,7 +98,6 @@ def melu_adapt_spec(adapt: str) -> AdaptSpec:
 
 
 # ============================================================================ the model's input
-
 YEAR_EDGES = (1960, 1970, 1980, 1990, 2000, 2010)
 """Release-year buckets: 0 = unknown, 1 = before 1960, 2 = the 1960s, ..., 7 = 2010 and later."""
 AGE_EDGES = (18, 25, 35, 45, 50, 56)

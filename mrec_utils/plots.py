@@ -73,7 +73,6 @@ def bar_counts(ax, series, color: str | None = None, **bar_kw):
 
 
 # ----------------------------------------------------------------------------- system diagram
-
 #: The five stages of the book's system diagram, in loop order:
 #: (label, what it holds or does, chapters that build it).
 SYSTEM_STAGES: tuple[tuple[str, str, str], ...] = (

@@ -1,11 +1,10 @@
 """Results into the book's prose: myst-nb's ``glue`` without needing myst-nb.
 
-A chapter writes a number in its text as ``{glue:text}`name:.3f``` and stores the value with
-``glue(name, value)`` in the code cell that computes it. This is the function of
-``myst_nb.glue`` (myst-nb 1.x), written out so that the chapters also run where myst-nb is not
-installed (Colab, a plain ``pip install mrec_utils``): the same display output, the same
-``application/papermill.record/`` mimetype prefix and ``scrapbook`` metadata, which the book build
-and ``tools/colab.py`` read back. ``tests/test_glue.py`` checks that it stores what myst-nb stores.
+A chapter writes a number in its text as ``{glue:text}`name:.3f``` and stores the value with ``glue(name, value)`` in
+the code cell that computes it. This is the function of ``myst_nb.glue`` (myst-nb 1.x), written out so that the chapters
+also run where myst-nb is not installed (Colab, a plain ``pip install mrec_utils``): the same display output, the same
+``application/papermill.record/`` mimetype prefix and ``scrapbook`` metadata, which the book build and
+``tools/colab.py`` read back. ``tests/test_glue.py`` checks that it stores what myst-nb stores.
 """
 from __future__ import annotations
 

@@ -62,8 +62,6 @@ STREAM_STRATEGIES: dict[str, str] = {
 
 
 # ============================================================================ streams
-
-
 @dataclass
 class RatingStreams:
     """Users' ratings in time order, right-padded: ``item_ids [U, L]`` (-1 in padding), model input ``x [U, L,
@@ -137,8 +135,6 @@ def make_streams(features: Features, ratings: pd.DataFrame, users: np.ndarray | 
 
 
 # ============================================================================ recency weights
-
-
 def recency_weights(ages: Tensor, mask: Tensor, gamma: float) -> Tensor:
     """Weights ``n gamma^a_j / sum_l gamma^a_l`` of the n real ratings of each row (``ages``, ``mask [..., S]``),
     so that the masked *mean* of ``w_j e_j`` is the weighted mean with weights summing to 1; 0 in padding."""
@@ -172,8 +168,6 @@ def adapt_weighted(model: torch.nn.Module, params: meta.Params, frozen: meta.Par
 
 
 # ============================================================================ replay
-
-
 def _ages(streams: RatingStreams, idx: Tensor, t: int, decay: str) -> Tensor:
     if decay == "position":
         return (t - 1 - torch.arange(t, device=streams.y.device)).to(torch.float64).expand(len(idx), t)
@@ -276,8 +270,6 @@ def replay_streams(model: torch.nn.Module, params: meta.Params, frozen: meta.Par
 
 
 # ============================================================================ errors and their summary
-
-
 def stream_errors(pred: Tensor, streams: RatingStreams, rating_range: tuple[float, float] | None = None) -> np.ndarray:
     """[U, L] float64 absolute errors ``|clip(pred) - y|`` (NaN in padding)."""
     p = pred.double() if rating_range is None else pred.double().clamp(*rating_range)

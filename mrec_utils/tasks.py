@@ -52,8 +52,6 @@ def _need(ok: bool, message: str, error: Callable[[str], Exception] = ValueError
 
 
 # ============================================================================ the padded batch
-
-
 @dataclass
 class TaskBatch:
     """``T`` padded tasks with ``S`` support and ``Q`` query slots each (the one batch type of the book):
@@ -94,8 +92,6 @@ class TaskBatch:
 
 
 # ============================================================================ splits
-
-
 @dataclass(frozen=True)
 class SplitSettings:
     """The settings of :func:`make_split` (module docstring); every field is a keyword of it."""
@@ -297,8 +293,6 @@ def scenario_counts(split: Split) -> pd.DataFrame:
 
 
 # ============================================================================ episodes
-
-
 @dataclass(eq=False)
 class Episode:
     """One task: a user's support set (to adapt on) and query set (to be scored on). Raw item ids; each set in time
@@ -486,8 +480,6 @@ def make_episodes(source: Split | pd.DataFrame, users: str | Sequence[int] | np.
 
 
 # ============================================================================ batching
-
-
 @dataclass(frozen=True)
 class ItemIndex:
     """Raw item ids <-> contiguous indices 0..n-1, with a padding index ``n`` that is never an item
@@ -563,8 +555,6 @@ def iterate_meta_batches(episodes: Sequence[Episode], batch_size: int, seed: int
 
 
 # ============================================================================ leakage checks
-
-
 class LeakageError(AssertionError):
     """Raised by :meth:`LeakageReport.raise_if_bad` when a split or its episodes leak."""
 
