@@ -220,11 +220,6 @@ class BootstrapResult:
     alpha: float
     n_clusters: int | None = None
 
-    @property
-    def mean_diff(self) -> float:
-        """Alias of ``estimate`` for the paired form."""
-        return self.estimate
-
     def __str__(self) -> str:
         return f"{self.estimate:.4f} [{self.low:.4f}, {self.high:.4f}]"
 

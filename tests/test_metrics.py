@@ -271,7 +271,7 @@ def test_paired_bootstrap_contains_truth_and_excludes_zero():
     a = base + 0.05 + rng.normal(0, 0.05, size=n)
     b = base + rng.normal(0, 0.05, size=n)
     res = M.paired_bootstrap_ci(a, b, n_boot=2000, seed=1)
-    assert res.mean_diff == pytest.approx(np.mean(a - b))
+    assert res.estimate == pytest.approx(np.mean(a - b))
     assert res.low < 0.05 < res.high
     assert res.low > 0  # clear difference: zero is outside the interval
     assert res.p_value < 0.01
