@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.func import functional_call, vmap
 
 from mrec_utils import data as mdata, meta, metrics, tasks, train
-from mrec_utils.models import YEAR_EDGES, BiasedMF, Features, MeLURatingModel, build_features, fit_biased_mf, fold_in, melu_adapt_spec
+from mrec_utils.models import YEAR_EDGES, BiasedMF, Features, MeLURatingModel, build_features, fit_biased_mf, fold_in, fold_in_items, melu_adapt_spec
 
 SCENARIOS: tuple[str, ...] = ("user-cold", "item-cold", "user+item-cold")
 LIKE_THRESHOLD = 4.0
@@ -40,12 +40,14 @@ class EpisodeSettings:
 @dataclass(frozen=True)
 class NetSettings:
     """The MeLU-style network and its normal training; ``id_dropout``: the share of training ratings shown
-    with their film as "unknown", so that the unknown id row learns what a new film looks like."""
+    with their film as "unknown", so that the unknown id row learns what a new film looks like;
+    ``known_users``: in item-cold, where every evaluation user is a training user, a user-id embedding."""
 
     emb_dim: int = 16
     hidden: tuple[int, ...] = (32, 16)
     use_item_id: bool = True
     use_user_features: bool | str = "auto"
+    known_users: bool = True
     id_dropout: float = 0.1
     lr: float = 2e-3
     batch: int = 512
@@ -198,7 +200,8 @@ def prepare_data(ml: mdata.MovieLens, scenario: str, shots: int | str, seed: int
         raise ValueError(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}.")
     shots = _check_shots(shots, s.episodes.n_query, split_kwargs.get("max_ratings", 100))
     split = tasks.make_split(ml.ratings, scenario, seed=seed, **split_kwargs)
-    features = build_features(ml.items, split.train, ml.users, use_item_id=s.net.use_item_id,
+    known = split.train["user_id"].to_numpy() if scenario == "item-cold" and s.net.known_users else None
+    features = build_features(ml.items, split.train, ml.users, use_item_id=s.net.use_item_id, known_users=known,
                               use_user_features=s.net.use_user_features, extra_item_ids=ml.ratings["item_id"].to_numpy())
     eps = {}
     for part in ("val", "test"):
@@ -320,17 +323,26 @@ def fit_item_mean(data: ColdStartData) -> Fitted:
 
 def fit_mf_foldin(data: ColdStartData) -> Fitted:
     t0, b, tr = time.perf_counter(), data.settings.baselines, data.train
-    users, uidx = np.unique(tr["user_id"].to_numpy(), return_inverse=True)
+    known, uidx = np.unique(tr["user_id"].to_numpy(), return_inverse=True)
     mf = fit_biased_mf(uidx, data.features.item_index.encode(tr["item_id"].to_numpy()), _train_ratings(data),
-                       (len(users), data.features.n_items), dim=b.mf_dim, reg=b.mf_reg, iters=b.mf_iters,
+                       (len(known), data.features.n_items), dim=b.mf_dim, reg=b.mf_reg, iters=b.mf_iters,
                        seed=data.seed, device=data.device)
 
     def predictor(reg: float) -> Predict:
         def predict(batch, users, catalogue):
-            p, bu = fold_in(mf, batch.x_support[..., 0], batch.y_support, batch.mask_support, reg=reg)
+            f, s = mf, batch.mask_support
+            if data.scenario == "item-cold":  # a known user: folded in from their training factors, then the new films
+                rows = torch.as_tensor(np.searchsorted(known, users), device=s.device)
+                p, bu = mf.user_factors[rows], mf.user_bias[rows]
+                it, y, t = batch.x_support[..., 0], batch.y_support.double(), torch.arange(len(s), device=s.device)[:, None].expand_as(s)[s]
+                dp, db = fold_in(mf, it, y - bu[:, None] - (mf.item_factors[it] * p[:, None]).sum(-1), s, reg=reg)
+                p, bu = p + dp, bu + db
+                f = fold_in_items(mf, it[s], p[t], bu[t], y[s], reg)
+            else:  # a new user: folded in from the support, the items fixed
+                p, bu = fold_in(mf, batch.x_support[..., 0], batch.y_support, s, reg=reg)
             qi = batch.x_query[..., 0]
-            q = mf.mu + bu[:, None] + mf.item_bias[qi] + (mf.item_factors[qi] * p[:, None, :]).sum(-1)
-            c = (mf.mu + bu[:, None] + mf.item_bias[None, :] + p @ mf.item_factors.T) if catalogue else None
+            q = f.mu + bu[:, None] + f.item_bias[qi] + (f.item_factors[qi] * p[:, None, :]).sum(-1)
+            c = (f.mu + bu[:, None] + f.item_bias[None, :] + p @ f.item_factors.T) if catalogue else None
             return _np(q), _np(c)
         return predict
 

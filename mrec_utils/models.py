@@ -1,11 +1,13 @@
 """The rating models of chapters 5 and 6: the MeLU-style network (:class:`MeLURatingModel`, what per-user
 adaptation changes: :func:`melu_adapt_spec`, its integer input: :func:`build_features`) and biased matrix
-factorisation by ALS (:func:`fit_biased_mf`) with the closed-form ridge fold-in of new users (:func:`fold_in`).
+factorisation by ALS (:func:`fit_biased_mf`) with the closed-form ridge fold-in of new users (:func:`fold_in`) or
+of new items rated by known users (:func:`fold_in_items`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,7 +131,7 @@ class Features:
         u = np.asarray(user_ids, dtype=np.int64).ravel()
         if not self.user_fields:
             return np.zeros((len(u), 0), dtype=np.int64)
-        return self.user_table.reindex(u).fillna(0).to_numpy(np.int64)
+        return self.user_table.reindex(u).fillna(0).to_numpy(np.int64, copy=True)
 
     def encode(self, user_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
         """Input ``[n, C]`` of aligned ``user_ids [n]`` and raw ``item_ids [n]``."""
@@ -167,10 +169,11 @@ def _user_table(users: pd.DataFrame) -> tuple[pd.DataFrame, tuple[int, ...]]:
 
 def build_features(items: pd.DataFrame, train_ratings: pd.DataFrame, users: pd.DataFrame | None = None, *,
                    use_item_id: bool = True, use_user_features: bool | str = "auto",
-                   extra_item_ids: np.ndarray | None = None) -> Features:
+                   extra_item_ids: np.ndarray | None = None, known_users: np.ndarray | None = None) -> Features:
     """The :class:`Features` of a release: an item is *warm* (its own id row) iff ``train_ratings`` rate it, so
     no evaluation rating shapes an id embedding; ``use_user_features``: True, False or "auto" (if ``users``);
-    ``extra_item_ids``: rated ids missing from ``items`` (no genre, unknown year)."""
+    ``extra_item_ids``: rated ids missing from ``items`` (no genre, unknown year); ``known_users``: ids that get
+    a user-id attribute ``"user"`` (rows 1.., 0 = any other user), for users that training knows (item-cold)."""
     if use_user_features is True and users is None:
         raise ValueError("use_user_features=True but this dataset has no user attributes (ml-latest-small and the "
                          "ml-latest/ml-25m/ml-32m releases have none); use ml-100k or ml-1m, or "
@@ -195,6 +198,11 @@ def build_features(items: pd.DataFrame, train_ratings: pd.DataFrame, users: pd.D
         table, cards, fields = *_user_table(users), USER_FIELDS
     else:
         table, cards, fields = pd.DataFrame(index=pd.Index([], dtype=np.int64, name="user_id")), (), ()
+    if known_users is not None:
+        known = np.unique(np.asarray(known_users, dtype=np.int64))
+        ids = pd.DataFrame({"user": np.arange(1, len(known) + 1)}, index=pd.Index(known, name="user_id"))
+        table = table.join(ids, how="outer").fillna(0).astype(np.int64)
+        cards, fields = (*cards, len(known) + 1), (*fields, "user")
     return Features(index, genres, gm, yb, id_row, n_rows, fields, cards, table)
 
 
@@ -203,7 +211,7 @@ def build_features(items: pd.DataFrame, train_ratings: pd.DataFrame, users: pd.D
 # Biased MF (Koren, Bell & Volinsky 2009): r_ui ~ mu + b_u + b_i + p_u . q_i, fitted by alternating least
 # squares (each half-step is a ridge regression per row, in closed form). A new user is *folded in* by the
 # same ridge regression on their support ratings with the items fixed: x_i = [q_i, 1], target
-# r - mu - b_i, w = (X'X + reg I)^-1 X' t, (p_u, b_u) = (w[:-1], w[-1]).
+# r - mu - b_i, w = (X'X + reg I)^-1 X' t, (p_u, b_u) = (w[:-1], w[-1]); a new item likewise, the users fixed.
 
 
 @dataclass
@@ -285,3 +293,14 @@ def fold_in(mf: BiasedMF, items: Tensor | np.ndarray, ratings: Tensor | np.ndarr
     w = ridge_rows(rows, sel, _with_one(mf.item_factors), rt[m] - mf.mu - mf.item_bias[sel], it.shape[0], reg)
     p, b = w[:, :-1], w[:, -1]
     return (p[0], b[0]) if single else (p, b)
+
+
+def fold_in_items(mf: BiasedMF, items: Tensor, user_factors: Tensor, user_bias: Tensor, ratings: Tensor, reg: float) -> BiasedMF:
+    """``mf`` with every item of ``items`` refitted by ridge regression on its ``ratings``, each by a user with the
+    given factors and bias (one row per rating, aligned, the users fixed): new items folded in as :func:`fold_in`
+    folds in new users. The other items keep their factors and biases."""
+    n, obs = len(mf.item_bias), torch.arange(len(items), device=items.device)
+    w = ridge_rows(items, obs, _with_one(user_factors), ratings - mf.mu - user_bias, n, reg)
+    seen = torch.zeros(n, dtype=torch.bool, device=w.device).index_fill_(0, items, True)
+    return dataclasses.replace(mf, item_factors=torch.where(seen[:, None], w[:, :-1], mf.item_factors),
+                               item_bias=torch.where(seen, w[:, -1], mf.item_bias))

@@ -16,7 +16,7 @@ import torch
 from mrec_utils import coldstart as cs, meta, metrics, tasks
 from mrec_utils import data as D
 from mrec_utils.models import (BiasedMF, MeLURatingModel, _year_bucket, build_features, fit_biased_mf, fold_in,
-                               melu_adapt_spec, ridge_rows)
+                               fold_in_items, melu_adapt_spec, ridge_rows)
 
 GENRES_100K = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
                "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
@@ -121,6 +121,21 @@ def test_fold_in_batch_with_padding_equals_one_by_one():
         assert b[t].item() == pytest.approx(bt.item(), abs=1e-12)
 
 
+def test_fold_in_items_is_a_ridge_regression_per_item_with_the_users_fixed():
+    mf = random_mf(seed=2)
+    g = torch.Generator().manual_seed(3)
+    items = torch.tensor([2, 2, 5, 5, 5, 9])
+    p, b = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    r = torch.tensor([4.0, 3.0, 5.0, 2.0, 4.5, 1.0], dtype=torch.float64)
+    f = fold_in_items(mf, items, p, b, r, reg=0.5)
+    for i in (2, 5, 9):
+        x, sel = np.c_[p.numpy(), np.ones(6)], (items == i).numpy()
+        w = np.linalg.solve(x[sel].T @ x[sel] + 0.5 * np.eye(4), x[sel].T @ (r.numpy() - mf.mu - b.numpy())[sel])
+        np.testing.assert_allclose(np.r_[f.item_factors[i].numpy(), f.item_bias[i].item()], w, atol=1e-10)
+    other = [i for i in range(12) if i not in (2, 5, 9)]  # items without a rating keep their factors
+    assert torch.equal(f.item_factors[other], mf.item_factors[other]) and torch.equal(f.item_bias[other], mf.item_bias[other])
+
+
 def test_ridge_rows_matches_a_loop():
     rng = np.random.default_rng(0)
     table = torch.as_tensor(rng.normal(size=(7, 4)))
@@ -214,6 +229,11 @@ def test_build_features(frames):
     assert build_features(items, train, None).encode([1], [1]).shape == (1, 2)  # auto: no users, no user columns
     with pytest.raises(ValueError, match="no user attributes"):
         build_features(items, train, None, use_user_features=True)
+    k = build_features(items, train, None, known_users=train.user_id.to_numpy())  # a user-id attribute (item-cold)
+    assert k.user_fields == ("user",) and k.user_cardinalities == (61,)
+    assert k.user_codes([1, 60, 61, 999]).ravel().tolist() == [1, 60, 0, 0]  # 0: a user training does not know
+    assert build_features(items, train, users, known_users=[5, 7]).user_codes([7, 8]).tolist() == [
+        [*f.user_codes([7])[0], 2], [*f.user_codes([8])[0], 0]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,6 +345,24 @@ def test_all_methods_run_and_report_their_choices(ml):
         np.testing.assert_allclose(q, f.info.model(d.test.x_query).double().numpy(), atol=1e-6)
     assert c.shape == (len(d.test), d.features.n_items)
     assert res.fitted[0, "mf_foldin"].info.mf.item_factors.shape[1] == TINY.baselines.mf_dim
+
+
+def test_item_cold_users_stay_known(ml):
+    """Item-cold evaluation users are training users: the network gets their user-id row and fold-in starts from
+    their training factors (a huge penalty keeps them: the new films' factors stay 0, the user's bias remains)."""
+    late = ml.ratings.assign(timestamp=ml.ratings.timestamp.where(ml.ratings.item_id <= 25,
+                                                                   ml.ratings.timestamp + pd.Timedelta(days=365)))
+    cfg = TINY.replace(**{"baselines.foldin_regs": (1e12,), "net.epochs": 1})
+    res = cs.run_coldstart(D.MovieLens("late", late, ml.items, users=ml.users), "item-cold", 3, seeds=(0,),
+                           methods=[M["mf_foldin"], M["net"]], settings=cfg, progress=False, item_cutoff_quantile=0.45)
+    d, f = res.data[0], res.fitted[0, "mf_foldin"]
+    assert d.features.user_fields[-1] == "user" and (d.features.user_codes(d.test_users)[:, -1] > 0).all()
+    mf, known = f.info.mf, np.unique(d.train.user_id)
+    q, _ = f.predict(d.test, d.test_users, False)
+    rows = np.searchsorted(known, d.test_users)
+    level = (mf.mu + mf.user_bias[rows]).numpy()[:, None]
+    np.testing.assert_allclose(q[d.test.mask_query.numpy()], np.broadcast_to(level, q.shape)[d.test.mask_query.numpy()], atol=1e-6)
+    assert cs.prepare_data(ml, "user-cold", 5, 0, TINY).features.user_fields == ("gender", "age", "occupation")
 
 
 def test_summary_intervals_are_paired_differences():
