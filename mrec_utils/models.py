@@ -90,7 +90,8 @@ MELU_ADAPT: dict[str, str] = {
 
 def melu_adapt_spec(adapt: str) -> AdaptSpec:
     """The :func:`mrec_utils.meta.split_params` spec of an adapt flag (:data:`MELU_ADAPT`). ``"all"`` leaves out
-    the item-id table: one inner step changes only the support films' rows, which no query holds."""
+    the item-id table: one inner step changes only the support films' rows, which no query holds (unless they
+    share the unknown row, as every film does in item-cold)."""
     specs: dict[str, Callable[[str], bool] | list[str]] = {
         "every": lambda name: True, "all": lambda name: not name.startswith("item_emb"),
         "head": ["decision", "out"], "out": ["out"]}
