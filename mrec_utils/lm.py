@@ -144,8 +144,7 @@ def _load_from(source: str, gguf_file: str | None, device: torch.device, dtype: 
     with _quiet_transformers_bars():
         tok = AutoTokenizer.from_pretrained(source, **kw)
         model = AutoModelForCausalLM.from_pretrained(source, **kw, **{dtype_kw: dtype})
-    model.to(device)
-    model.eval()
+    model.to(device).eval()
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"

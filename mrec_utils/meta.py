@@ -378,24 +378,19 @@ def prototypical_logits(emb_support: Tensor, y_support: Tensor, emb_query: Tenso
 
 
 def matching_logits(emb_support: Tensor, y_support: Tensor, emb_query: Tensor, mask_support: Tensor | None = None,
-                    *, n_classes: int = 2, temperature: float | Tensor = 1.0, fallback_embeddings: Tensor | None = None,
-                    eps: float = 1e-8) -> Tensor:
+                    *, n_classes: int = 2, temperature: float | Tensor = 1.0, eps: float = 1e-8) -> Tensor:
     """Matching-network class log-probabilities (Vinyals et al. 2016), without full-context embeddings.
-    ``P(c | q) = sum_i a(q, s_i) [y_i = c]`` with ``a = softmax_i(cos(q, s_i) / temperature)`` over the
-    task's real support examples (temperature 1 is the paper's kernel). A class without support
-    example gets one pseudo example at ``fallback_embeddings[c]`` (default the zero vector, cosine 0),
-    so every log-probability stays finite. Arguments as in :func:`prototypical_logits`; the
-    ``[..., Q, C]`` log-probabilities serve directly as logits in a cross-entropy loss."""
+    ``P(c | q) = sum_i a(q, s_i) [y_i = c]`` with ``a = softmax_i(cos(q, s_i) / temperature)`` over the task's real
+    support examples (temperature 1 is the paper's kernel). A class without support example gets one pseudo example
+    at the zero vector (cosine 0), so every log-probability stays finite. Arguments as in :func:`prototypical_logits`;
+    the ``[..., Q, C]`` log-probabilities serve directly as logits in a cross-entropy loss."""
     emb_s, onehot = _class_onehot(emb_support, y_support, mask_support, n_classes)
     s_n, q_n = F.normalize(emb_s, dim=-1, eps=eps), F.normalize(emb_query, dim=-1, eps=eps)
     sim = (q_n @ s_n.transpose(-1, -2)) / temperature  # [..., Q, S]
     present = onehot.any(-2)  # [..., C]
-    zero = torch.zeros((), dtype=sim.dtype, device=sim.device)
-    per_class = torch.where(onehot[..., None, :, :], sim[..., :, :, None], torch.full((), float("-inf"), dtype=sim.dtype,
-                                                                                        device=sim.device))
+    zero, neg_inf = sim.new_zeros(()), sim.new_full((), float("-inf"))
+    per_class = torch.where(onehot[..., None, :, :], sim[..., :, :, None], neg_inf)
     # an absent class would reduce over -inf only (NaN gradient): fill it with zeros, replaced below
     class_score = torch.logsumexp(torch.where(present[..., None, None, :], per_class, zero), dim=-2)  # [..., Q, C]
-    fb_sim = zero if fallback_embeddings is None else \
-        (q_n @ F.normalize(fallback_embeddings, dim=-1, eps=eps).transpose(-1, -2)) / temperature
-    class_score = torch.where(present[..., None, :], class_score, fb_sim)
+    class_score = torch.where(present[..., None, :], class_score, zero)
     return class_score - torch.logsumexp(class_score, dim=-1, keepdim=True)

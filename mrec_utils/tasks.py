@@ -37,18 +37,14 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from mrec_utils.metrics import _need
+
 SCENARIOS: tuple[str, ...] = ("user-cold", "item-cold", "user+item-cold", "temporal")
 _ITEM_SCENARIOS = ("item-cold", "user+item-cold")
 _DISJOINT_USER_SCENARIOS = ("user-cold", "user+item-cold")
 
 Inputs = Union[Tensor, tuple[Tensor, ...]]
 """Model input: one tensor, or a tuple of tensors passed as positional arguments to ``forward``."""
-
-
-def _need(ok: bool, message: str, error: Callable[[str], Exception] = ValueError) -> None:
-    """The one validation helper: raise ``error(message)`` (an exception class or a function making one) unless ok."""
-    if not ok:
-        raise error(message)
 
 
 # ============================================================================ the padded batch
