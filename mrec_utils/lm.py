@@ -478,8 +478,7 @@ def _compact(folder: Path, max_shards: int = 32) -> None:
     index, vectors, paths = _read_store(folder)
     if len(paths) <= max_shards:
         return
-    keys = list(index)
-    merged = _write_shard(folder, keys, np.stack([vectors[s][r] for s, r in index.values()]))
+    merged = _write_shard(folder, list(index), np.stack([vectors[s][r] for s, r in index.values()]))
     for p in paths:
         if p != merged:
             p.unlink(missing_ok=True)
