@@ -93,8 +93,7 @@ def pad_batch(sequences: Sequence[np.ndarray], max_len: int,
     tokens = np.full((len(tail), width), PAD_TOKEN, dtype=np.int64)
     mask = np.zeros((len(tail), width), dtype=bool)
     for r, s in enumerate(tail):
-        tokens[r, : len(s)] = s + 1
-        mask[r, : len(s)] = True
+        tokens[r, : len(s)], mask[r, : len(s)] = s + 1, True
     return torch.from_numpy(tokens).to(device), torch.from_numpy(mask).to(device)
 
 
@@ -270,13 +269,9 @@ def leave_last_out(sequences: ItemSequences | Sequence[np.ndarray], n_last: int 
     Returns ``(histories, targets, owner)``: history arrays, int64 targets [n_cases] and the position
     of each case's user in ``sequences`` [n_cases] (a user's cases consecutive, oldest first)."""
     seqs = _as_list(sequences)
-    hist, targets, owner = [], [], []
-    for i, s in enumerate(seqs):
-        for t in range(max(min_history, len(s) - n_last), len(s)):
-            hist.append(s[:t])
-            targets.append(int(s[t]))
-            owner.append(i)
-    return hist, np.array(targets, dtype=np.int64), np.array(owner, dtype=np.int64)
+    cases = [(i, t) for i, s in enumerate(seqs) for t in range(max(min_history, len(s) - n_last), len(s))]
+    targets = np.array([seqs[i][t] for i, t in cases], dtype=np.int64)
+    return [seqs[i][:t] for i, t in cases], targets, np.array([i for i, _ in cases], dtype=np.int64)
 
 
 def training_windows(sequences: ItemSequences | Sequence[np.ndarray], max_len: int, min_len: int = 2) -> list[np.ndarray]:
@@ -317,11 +312,10 @@ def cooccurrence_counts(sequences: ItemSequences | Sequence[np.ndarray], n_items
     seqs = _as_list(sequences)
     flat = np.zeros(n_items * n_items, dtype=np.int64)
     for d in range(1, window + 1):
-        src = [s[:-d] for s in seqs if len(s) > d]
-        if not src:
+        long = [s for s in seqs if len(s) > d]
+        if not long:
             break
-        a = np.concatenate(src)
-        b = np.concatenate([s[d:] for s in seqs if len(s) > d])
+        a, b = np.concatenate([s[:-d] for s in long]), np.concatenate([s[d:] for s in long])
         flat += np.bincount(a * n_items + b, minlength=n_items * n_items)
     return flat.reshape(n_items, n_items).astype(np.float32)
 
@@ -332,8 +326,7 @@ def cooccurrence_scores(counts: np.ndarray, histories: Sequence[np.ndarray], las
     history u, plus ``1e-6 * popularity[j] / max(popularity)`` if given (ties go to popular films)."""
     out = np.empty((len(histories), counts.shape[0]), dtype=np.float64)
     for r, h in enumerate(histories):
-        h = h if last is None else h[-last:]
-        out[r] = counts[h].sum(axis=0, dtype=np.float64)
+        out[r] = counts[h if last is None else h[-last:]].sum(axis=0, dtype=np.float64)
     if popularity is not None:
         p = np.asarray(popularity, dtype=np.float64)
         out += 1e-6 * p / max(p.max(), 1e-12)
@@ -388,8 +381,7 @@ def sample_negatives(histories: Sequence[np.ndarray], targets: np.ndarray, n_ite
     out = np.empty((len(histories), n_negatives), dtype=np.int64)
     for r, (h, y) in enumerate(zip(histories, np.asarray(targets, dtype=np.int64))):
         banned = np.zeros(n_items, dtype=bool)
-        banned[h] = True
-        banned[y] = True
+        banned[h] = banned[y] = True
         out[r] = rng.choice(np.flatnonzero(~banned), size=n_negatives, replace=False)
     return out
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from . import train
+from . import data, train
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -144,8 +144,7 @@ def _load_from(source: str, gguf_file: str | None, device: torch.device, dtype: 
     with _quiet_transformers_bars():
         tok = AutoTokenizer.from_pretrained(source, **kw)
         model = AutoModelForCausalLM.from_pretrained(source, **kw, **{dtype_kw: dtype})
-    model.to(device)
-    model.eval()
+    model.to(device).eval()
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -296,7 +295,8 @@ def embed_texts(texts: Sequence[str], lm: LoadedLM | None = None, *, pooling: Li
         found.update(_embed_new(lm, todo, pooling, batch_size, max_len, layers, folder, progress))
         if folder is not None:
             _compact(folder)
-    return _finish_rows([found[k] for k in keys], normalize)
+    out = np.stack([found[k] for k in keys]).astype(np.float64, copy=False)
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12) if normalize else out
 
 
 def _facts(lm: LoadedLM, fingerprint: bool, blocks: bool) -> dict[str, Any]:
@@ -315,7 +315,7 @@ def _lookup(texts: list[str], facts: dict[str, Any], pooling: str, layers: int |
         raise ValueError(f"layers must be None or an int in [1, {n_blocks}], got {layers!r}.")
     layers = None if layers == n_blocks else layers
     max_len = min(_MAX_TOKENS, facts["n_ctx"]) if facts["n_ctx"] else _MAX_TOKENS
-    keys = [_text_key(t) for t in texts]
+    keys = [hashlib.sha256(t.encode("utf-8", "surrogatepass")).hexdigest()[:32].encode() for t in texts]
     if not use_cache or not texts:
         return keys, {}, None, max_len, layers
     folder = _store_folder(cache_dir, facts["name"], facts["fingerprint"], pooling, max_len, layers)
@@ -335,8 +335,7 @@ def _embed_new(lm: LoadedLM, todo: dict[bytes, str], pooling: str, batch_size: i
     order = sorted(range(len(enc)), key=lambda j: -len(enc[j]))  # longest first: memory errors show early
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     dev, pad = next(model.parameters()).device, _pad_id(tok)
-    out: dict[bytes, np.ndarray] = {}
-    pending: list[bytes] = []
+    out, pending = {}, []
     was_training, dtype0 = model.training, next(model.parameters()).dtype
     model.eval()
     model.to(torch.float64)  # see "Precision" in embed_texts
@@ -360,14 +359,6 @@ def _embed_new(lm: LoadedLM, todo: dict[bytes, str], pooling: str, batch_size: i
         model.to(dtype0)
         model.train(was_training)
     return out
-
-
-def _finish_rows(rows: list[np.ndarray], normalize: bool) -> np.ndarray:
-    """Stack ``n`` vectors into ``float64 [n, hidden]``, L2-normalising rows if asked."""
-    out = np.stack(rows).astype(np.float64, copy=False)
-    if normalize:
-        out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-    return np.ascontiguousarray(out, dtype=np.float64)
 
 
 def _blocks(model: PreTrainedModel) -> tuple[torch.nn.Module, str, torch.nn.ModuleList]:
@@ -405,14 +396,9 @@ def _backbone_hidden(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tens
 
 
 # the disk store: one folder per model + settings, shards of (text key, raw vector)
-
-
 def embedding_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The embedding store's root: ``cache_dir``, else ``<$MREC_CACHE_DIR or ~/.cache/mrec_utils>/embeddings``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    root = os.environ.get("MREC_CACHE_DIR", "").strip()
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "mrec_utils") / "embeddings"
+    """The embedding store's root: ``cache_dir``, else ``embeddings/`` in :func:`mrec_utils.data.cache_dir`."""
+    return data.cache_dir() / "embeddings" if cache_dir is None else Path(cache_dir).expanduser()
 
 
 def lm_fingerprint(lm: LoadedLM) -> str:
@@ -421,9 +407,8 @@ def lm_fingerprint(lm: LoadedLM) -> str:
     vocabulary: any training run changes it (a single weight between the sampled values would not)."""
     h = hashlib.sha256()
     model, tok = lm.model, lm.tokenizer
-    cfg = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
-    for k in ("name_or_path", "dtype", "torch_dtype"):
-        cfg.pop(k, None)
+    skip = ("transformers_version", "name_or_path", "dtype", "torch_dtype")
+    cfg = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in skip}
     h.update(type(model).__name__.encode())
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     with torch.no_grad():
@@ -441,10 +426,6 @@ def lm_fingerprint(lm: LoadedLM) -> str:
     return h.hexdigest()
 
 
-def _text_key(text: str) -> bytes:
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32].encode()
-
-
 def _store_folder(cache_dir: str | os.PathLike | None, name: str, fingerprint: str, pooling: str,
                   max_len: int, layers: int | None) -> Path:
     """The store folder of one model + settings (see :func:`embed_texts`)."""
@@ -455,9 +436,7 @@ def _store_folder(cache_dir: str | os.PathLike | None, name: str, fingerprint: s
 
 def _read_store(folder: Path) -> tuple[dict[bytes, tuple[int, int]], list[np.ndarray], list[Path]]:
     """Index of every stored vector: key -> (shard number, row); the shards' vectors and paths."""
-    index: dict[bytes, tuple[int, int]] = {}
-    vectors: list[np.ndarray] = []
-    paths: list[Path] = []
+    index, vectors, paths = {}, [], []
     for path in sorted(folder.glob("shard-*.npz")) if folder.is_dir() else []:
         try:
             with np.load(path, allow_pickle=False) as z:
@@ -499,16 +478,13 @@ def _compact(folder: Path, max_shards: int = 32) -> None:
     index, vectors, paths = _read_store(folder)
     if len(paths) <= max_shards:
         return
-    keys = list(index)
-    merged = _write_shard(folder, keys, np.stack([vectors[s][r] for s, r in index.values()]))
+    merged = _write_shard(folder, list(index), np.stack([vectors[s][r] for s, r in index.values()]))
     for p in paths:
         if p != merged:
             p.unlink(missing_ok=True)
 
 
 # the default model's facts, recorded next to the store so that it can be served without loading
-
-
 def _default_source_key() -> str | None:
     """Identity of the installed default model file as ``transformers`` converts it: the GGUF file's
     size, first and last MiB, and the ``transformers`` version; ``None`` when it is not installed."""
@@ -587,19 +563,10 @@ def parse_ranking(answer: Any, candidate_titles: Sequence[str]) -> list[int]:
     Each candidate counts once (first mention); the rest follow in their original order, so the result is always a
     permutation of ``range(n)``: malformed answers (``None``, garbage) give the original order."""
     cands = list(candidate_titles)
-    if isinstance(answer, bytes):
-        text = answer.decode("utf-8", "replace")
-    else:
-        try:
-            text = "" if answer is None else str(answer)
-        except Exception:
-            text = ""
+    text = answer.decode("utf-8", "replace") if isinstance(answer, bytes) else "" if answer is None else str(answer)
     title_hits, spans = _title_mentions(text, cands)
     hits = title_hits + _number_mentions(text, len(cands), spans, {start for start, _ in title_hits})
-    order: list[int] = []
-    for _, idx in sorted(hits):
-        if idx not in order:
-            order.append(idx)
+    order = list(dict.fromkeys(idx for _, idx in sorted(hits)))  # each candidate at its first mention
     return order + [i for i in range(len(cands)) if i not in order]
 
 
@@ -607,14 +574,12 @@ def _title_mentions(text: str, cands: list[str]) -> tuple[list[tuple[int, int]],
     """``(position in text, candidate)`` of every title mention, and the text spans they cover."""
     norm, where = _norm_map(text)
     claimed = [False] * len(norm)
-    variants: dict[str, set[int]] = {}
+    variants: dict[str, set[int]] = {}  # full forms -> candidates
     partial_forms: dict[str, set[int]] = {}
     for i, t in enumerate(cands):
-        full, partial = _title_variants(t)
-        for f in full:
-            variants.setdefault(f, set()).add(i)
-        for p in partial:
-            partial_forms.setdefault(p, set()).add(i)
+        for forms, found in zip((variants, partial_forms), _title_variants(t)):
+            for f in found:
+                forms.setdefault(f, set()).add(i)
     forms = [(f, min(ix)) for f, ix in variants.items()]  # identical titles: the first one
     forms += [(p, next(iter(ix))) for p, ix in partial_forms.items() if len(ix) == 1 and p not in variants]
     forms.sort(key=lambda fi: -len(fi[0]))  # longest first so "Toy Story 2" beats "Toy Story"

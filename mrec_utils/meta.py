@@ -45,13 +45,11 @@ AdaptSpec = Union[str, Sequence[str], Callable[[str], bool]]
 
 
 # ============================================================================ the core
-def _zero_padded(x: Tensor, mask: Tensor) -> Tensor:
-    """``x [N, ...]`` with the rows where ``mask [N]`` is False replaced by zeros."""
+def _zero_padded(x: Inputs, mask: Tensor) -> Inputs:
+    """``x [N, ...]`` (or a tuple of such tensors) with the rows where ``mask [N]`` is False replaced by zeros."""
+    if isinstance(x, tuple):
+        return tuple(_zero_padded(t, mask) for t in x)
     return torch.where(mask.reshape(mask.shape + (1,) * (x.dim() - mask.dim())), x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-def _sanitize(x: Inputs, mask: Tensor) -> Inputs:
-    return tuple(_zero_padded(t, mask) for t in x) if isinstance(x, tuple) else _zero_padded(x, mask)
 
 
 def _detach(params: Mapping[str, Tensor]) -> Params:
@@ -60,7 +58,7 @@ def _detach(params: Mapping[str, Tensor]) -> Params:
 
 def _task_loss(model: nn.Module, params: Params, frozen: Params, x: Inputs, y: Tensor, mask: Tensor, loss_fn: LossFn) -> Tensor:
     """Masked mean loss of one task, padding zeroed before the model sees it; works under vmap."""
-    per = loss_fn(functional_forward(model, params, frozen, _sanitize(x, mask)), _zero_padded(y, mask))
+    per = loss_fn(functional_forward(model, params, frozen, _zero_padded(x, mask)), _zero_padded(y, mask))
     if per.shape != mask.shape:
         raise ValueError(f"loss_fn must return one loss per example, shape {tuple(mask.shape)}, got "
                          f"{tuple(per.shape)}; use e.g. mse_loss_per_example (reduction='none').")
@@ -98,58 +96,46 @@ def _mean_over_tasks(values: Tensor, task_mask: Tensor) -> Tensor:
     return (values * m).sum(0) / task_mask.sum().clamp_min(1).to(values.dtype)
 
 
-def maml_loss(model: nn.Module, params: Mapping[str, Tensor], frozen: Mapping[str, Tensor] | None, batch: TaskBatch,
-              *, loss_fn: LossFn, steps: int, inner_lr: Rate, first_order: bool = False) -> Tensor:
+def _task(x: Inputs, i: int) -> Inputs:
+    return tuple(t[i] for t in x) if isinstance(x, tuple) else x[i]
+
+
+def maml_loss(model: nn.Module, params: Mapping[str, Tensor], frozen: Mapping[str, Tensor] | None, batch: TaskBatch, *,
+              loss_fn: LossFn, steps: int, inner_lr: Rate, first_order: bool = False, vectorize: bool = True) -> Tensor:
     """The MAML meta-objective of a padded meta-batch, vectorised over tasks with ``vmap``:
-    ``J = mean_i L_query_i(inner_adapt(params, support_i))`` over tasks with a query (Finn et al. sum;
-    the mean only rescales the outer learning rate). Differentiable w.r.t. ``params``, ``frozen``
-    (ANIL's body) and Meta-SGD rates; ``first_order=True``: FOMAML."""
-    params, frozen = dict(params), dict(frozen or {})
+    ``J = mean_i L_query_i(inner_adapt(params, support_i))`` over tasks with a query (Finn et al. sum; the mean only
+    rescales the outer learning rate). Differentiable w.r.t. ``params``, ``frozen`` (ANIL's body) and Meta-SGD rates;
+    ``first_order=True``: FOMAML. ``vectorize=False``: the reference (tests and the speed benchmark), a plain Python
+    loop over tasks instead of ``vmap``, with the same value and gradients."""
+    params, frozen, b = dict(params), dict(frozen or {}), batch
 
     def one_task(xs, ys, ms, xq, yq, mq):
         adapted = _adapt(model, params, frozen, xs, ys, ms, loss_fn, steps, inner_lr, first_order)
         return _task_loss(model, adapted, frozen, xq, yq, mq, loss_fn)
 
-    b = batch
-    losses = vmap(one_task, randomness="different")(b.x_support, b.y_support, b.mask_support, b.x_query,
-                                                    b.y_query, b.mask_query)
+    args = (b.x_support, b.y_support, b.mask_support, b.x_query, b.y_query, b.mask_query)
+    if vectorize:
+        losses = vmap(one_task, randomness="different")(*args)
+    else:
+        losses = torch.stack([one_task(*(_task(a, i) for a in args)) for i in range(len(b))])
     return _mean_over_tasks(losses, b.mask_query.any(-1))
 
 
-def _task(x: Inputs, i: int) -> Inputs:
-    return tuple(t[i] for t in x) if isinstance(x, tuple) else x[i]
-
-
-def maml_loss_loop(model, params, frozen, batch: TaskBatch, *, loss_fn: LossFn, steps: int, inner_lr: Rate,
-                   first_order: bool = False) -> Tensor:
-    """Reference for :func:`maml_loss` (tests and the speed benchmark): a plain Python loop over
-    tasks instead of ``vmap``. Same arguments, same value and gradients."""
-    params, frozen, b = dict(params), dict(frozen or {}), batch
-    losses = []
-    for i in range(len(b.y_support)):
-        ms, mq = b.mask_support[i], b.mask_query[i]
-        adapted = _adapt(model, params, frozen, _task(b.x_support, i), b.y_support[i], ms, loss_fn, steps, inner_lr,
-                         first_order)
-        losses.append(_task_loss(model, adapted, frozen, _task(b.x_query, i), b.y_query[i], mq, loss_fn))
-    return _mean_over_tasks(torch.stack(losses), b.mask_query.any(-1))
-
-
 def meta_gradient(model, params, frozen, batch: TaskBatch, *, wrt: Mapping[str, Tensor] | None = None,
-                  vectorize: bool = True, **maml_kwargs) -> tuple[Tensor, Params]:
-    """``(J, dJ/d wrt)`` for ``J = maml_loss(...)``; ``wrt`` defaults to ``params`` (add ``frozen`` or
-    Meta-SGD rates for their gradients, zero where unused). ``vectorize=False``: :func:`maml_loss_loop`."""
+                  **maml_kwargs) -> tuple[Tensor, Params]:
+    """``(J, dJ/d wrt)`` for ``J = maml_loss(..., **maml_kwargs)`` (``vectorize=False``: its reference loop); ``wrt``
+    defaults to ``params`` (add ``frozen`` or Meta-SGD rates for their gradients, zero where unused)."""
     wrt = dict(params if wrt is None else wrt)
-    loss = (maml_loss if vectorize else maml_loss_loop)(model, params, frozen, batch, **maml_kwargs)
+    loss = maml_loss(model, params, frozen, batch, **maml_kwargs)
     grads = torch.autograd.grad(loss, list(wrt.values()), allow_unused=True)
     return loss.detach(), {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(wrt.items(), grads)}
 
 
-def meta_step(model, params, frozen, batch: TaskBatch, optimizer: torch.optim.Optimizer, *,
-              vectorize: bool = True, **maml_kwargs) -> Tensor:
-    """One outer update: ``zero_grad``; ``J = maml_loss(...)``; ``J.backward()``; ``optimizer.step()``.
+def meta_step(model, params, frozen, batch: TaskBatch, optimizer: torch.optim.Optimizer, **maml_kwargs) -> Tensor:
+    """One outer update: ``zero_grad``; ``J = maml_loss(..., **maml_kwargs)``; ``J.backward()``; ``optimizer.step()``.
     The optimizer decides what is meta-learned. Returns ``J`` detached."""
     optimizer.zero_grad(set_to_none=True)
-    loss = (maml_loss if vectorize else maml_loss_loop)(model, params, frozen, batch, **maml_kwargs)
+    loss = maml_loss(model, params, frozen, batch, **maml_kwargs)
     loss.backward()
     optimizer.step()
     return loss.detach()
@@ -291,13 +277,11 @@ class MAML(GradientMethod):
     adapt: AdaptSpec = "all"
     loss_fn: LossFn = mse_loss_per_example
 
-    def _kw(self) -> dict:
-        return dict(loss_fn=self.loss_fn, steps=self.inner_steps, inner_lr=self.inner_lr)
-
     def loss(self, model: nn.Module, batch: TaskBatch) -> Tensor:
         """The meta-objective ``J`` of ``batch`` at the model's current parameters."""
         params, frozen = split_params(model, self.adapt)
-        return maml_loss(model, params, frozen, batch, first_order=self.first_order, **self._kw())
+        return maml_loss(model, params, frozen, batch, loss_fn=self.loss_fn, steps=self.inner_steps,
+                         inner_lr=self.inner_lr, first_order=self.first_order)
 
     def inner_loop(self, model: nn.Module, params: Mapping[str, Tensor], frozen: Mapping[str, Tensor] | None,
                  x_s: Inputs, y_s: Tensor, mask_s: Tensor) -> Params:
@@ -394,24 +378,19 @@ def prototypical_logits(emb_support: Tensor, y_support: Tensor, emb_query: Tenso
 
 
 def matching_logits(emb_support: Tensor, y_support: Tensor, emb_query: Tensor, mask_support: Tensor | None = None,
-                    *, n_classes: int = 2, temperature: float | Tensor = 1.0, fallback_embeddings: Tensor | None = None,
-                    eps: float = 1e-8) -> Tensor:
+                    *, n_classes: int = 2, temperature: float | Tensor = 1.0, eps: float = 1e-8) -> Tensor:
     """Matching-network class log-probabilities (Vinyals et al. 2016), without full-context embeddings.
-    ``P(c | q) = sum_i a(q, s_i) [y_i = c]`` with ``a = softmax_i(cos(q, s_i) / temperature)`` over the
-    task's real support examples (temperature 1 is the paper's kernel). A class without support
-    example gets one pseudo example at ``fallback_embeddings[c]`` (default the zero vector, cosine 0),
-    so every log-probability stays finite. Arguments as in :func:`prototypical_logits`; the
-    ``[..., Q, C]`` log-probabilities serve directly as logits in a cross-entropy loss."""
+    ``P(c | q) = sum_i a(q, s_i) [y_i = c]`` with ``a = softmax_i(cos(q, s_i) / temperature)`` over the task's real
+    support examples (temperature 1 is the paper's kernel). A class without support example gets one pseudo example
+    at the zero vector (cosine 0), so every log-probability stays finite. Arguments as in :func:`prototypical_logits`;
+    the ``[..., Q, C]`` log-probabilities serve directly as logits in a cross-entropy loss."""
     emb_s, onehot = _class_onehot(emb_support, y_support, mask_support, n_classes)
     s_n, q_n = F.normalize(emb_s, dim=-1, eps=eps), F.normalize(emb_query, dim=-1, eps=eps)
     sim = (q_n @ s_n.transpose(-1, -2)) / temperature  # [..., Q, S]
     present = onehot.any(-2)  # [..., C]
-    zero = torch.zeros((), dtype=sim.dtype, device=sim.device)
-    per_class = torch.where(onehot[..., None, :, :], sim[..., :, :, None], torch.full((), float("-inf"), dtype=sim.dtype,
-                                                                                        device=sim.device))
+    zero, neg_inf = sim.new_zeros(()), sim.new_full((), float("-inf"))
+    per_class = torch.where(onehot[..., None, :, :], sim[..., :, :, None], neg_inf)
     # an absent class would reduce over -inf only (NaN gradient): fill it with zeros, replaced below
     class_score = torch.logsumexp(torch.where(present[..., None, None, :], per_class, zero), dim=-2)  # [..., Q, C]
-    fb_sim = zero if fallback_embeddings is None else \
-        (q_n @ F.normalize(fallback_embeddings, dim=-1, eps=eps).transpose(-1, -2)) / temperature
-    class_score = torch.where(present[..., None, :], class_score, fb_sim)
+    class_score = torch.where(present[..., None, :], class_score, zero)
     return class_score - torch.logsumexp(class_score, dim=-1, keepdim=True)

@@ -14,15 +14,16 @@ numpy arrays for the per-row forms that feed :func:`paired_bootstrap_ci`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import numpy as np
 
 ArrayLike = Union[Sequence, np.ndarray, "torch.Tensor"]  # noqa: F821 - torch is not imported here
 
 
-def _need(ok: bool, message: str, error: type[Exception] = ValueError) -> None:
-    """The one validation helper: raise ``error(message)`` unless ``ok``."""
+def _need(ok: bool, message: str, error: Callable[[str], Exception] = ValueError) -> None:
+    """The package's one validation helper: raise ``error(message)`` (an exception class or a function making one)
+    unless ``ok``."""
     if not ok:
         raise error(message)
 

@@ -53,8 +53,7 @@ def loglog_rank_plot(ax, counts, label: str | None = None, **plot_kw):
     c = np.asarray(counts, dtype=float).ravel()
     c = np.sort(c[c > 0])[::-1]
     (line,) = ax.plot(np.arange(1, c.size + 1), c, label=label, **plot_kw)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    ax.set(xscale="log", yscale="log")
     return line
 
 
@@ -67,8 +66,7 @@ def bar_counts(ax, series, color: str | None = None, **bar_kw):
     x = np.arange(len(series))
     bars = ax.bar(x, series.to_numpy(dtype=float), color=color or PALETTE[0], **bar_kw)
     rotate = 45 if len(series) > 8 else 0
-    ax.set_xticks(x)
-    ax.set_xticklabels([str(i) for i in series.index], rotation=rotate, ha="right" if rotate else "center")
+    ax.set_xticks(x, [str(i) for i in series.index], rotation=rotate, ha="right" if rotate else "center")
     return bars
 
 
@@ -135,9 +133,7 @@ def system_diagram(ax, *, title: str | None = "How the pieces fit together") -> 
 
     ax.text(7.0, (top + bottom + h) / 2, "the loop turns once per interaction", ha="center", va="center",
             fontsize=8.5, style="italic", color="#777777")
-    ax.set_xlim(0, 14)
-    ax.set_ylim(0, 6.6)
-    ax.set_aspect("equal")
+    ax.set(xlim=(0, 14), ylim=(0, 6.6), aspect="equal")
     ax.axis("off")
     if title:
         ax.set_title(title)

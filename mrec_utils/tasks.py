@@ -37,18 +37,14 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from mrec_utils.metrics import _need
+
 SCENARIOS: tuple[str, ...] = ("user-cold", "item-cold", "user+item-cold", "temporal")
 _ITEM_SCENARIOS = ("item-cold", "user+item-cold")
 _DISJOINT_USER_SCENARIOS = ("user-cold", "user+item-cold")
 
 Inputs = Union[Tensor, tuple[Tensor, ...]]
 """Model input: one tensor, or a tuple of tensors passed as positional arguments to ``forward``."""
-
-
-def _need(ok: bool, message: str, error: Callable[[str], Exception] = ValueError) -> None:
-    """The one validation helper: raise ``error(message)`` (an exception class or a function making one) unless ok."""
-    if not ok:
-        raise error(message)
 
 
 # ============================================================================ the padded batch
@@ -356,10 +352,6 @@ def _sizes(preset: str | EpisodePreset | None, sizes: dict) -> EpisodePreset:
     return EpisodePreset("custom", **sizes)
 
 
-def _user_rng(seed: int, user_id: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([seed, int(user_id) % (1 << 63)]))
-
-
 def _draw_random(rng: np.random.Generator, s_idx: np.ndarray, q_idx: np.ndarray, k, n, short):
     """Support and query positions drawn at random (the query first when its size is given)."""
     if n is None:
@@ -411,7 +403,8 @@ def _draw(uid: int, can_s: np.ndarray, can_q: np.ndarray, p: EpisodePreset, orde
             "(make_split(min_ratings=...), make_episodes(min_ratings=...)) or pass on_short='skip'")
 
     if order == "random":
-        sup, qry = _draw_random(_user_rng(seed, uid), s_idx, q_idx, p.k_support, p.n_query, short)
+        rng = np.random.default_rng(np.random.SeedSequence([seed, int(uid) % (1 << 63)]))  # one stream per user
+        sup, qry = _draw_random(rng, s_idx, q_idx, p.k_support, p.n_query, short)
     else:
         sup, qry = _draw_in_time(s_idx, q_idx, p.k_support, p.n_query, short)
     return np.sort(sup), np.sort(qry)
@@ -422,9 +415,7 @@ def _episode_frame(source: Split | pd.DataFrame, users, query_pool) -> tuple[pd.
     if isinstance(source, Split):
         _need(query_pool is None, "query_pool cannot be combined with a Split: the split's can_query column "
               "defines the query pool; pass a DataFrame (e.g. split.train) to set query_pool yourself", TypeError)
-        if isinstance(users, str):
-            if users == "train":
-                return source.train, source.train_users
+        if isinstance(users, str):  # "train", "val" or "test"
             return getattr(source, users), getattr(source, f"{users}_users")
         frame = pd.concat([source.val, source.test], ignore_index=True)
         bad = np.setdiff1d(np.atleast_1d(users), frame["user_id"].to_numpy())
