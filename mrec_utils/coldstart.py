@@ -77,7 +77,7 @@ class BaselineSettings:
 
     finetune_lrs: tuple[float, ...] = (0.03, 0.1, 0.3)
     finetune_steps: tuple[int, ...] = (1, 3, 10)
-    foldin_regs: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0)
+    foldin_regs: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
     mf_dim: int = 16
     mf_reg: float = 10.0
     mf_iters: int = 8
