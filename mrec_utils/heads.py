@@ -7,8 +7,7 @@ features, like) pairs (:func:`like_tasks`, :func:`like_batches`). :func:`fit_hea
 settings :class:`HeadSettings`: a global head, per-user logistic regression, fine-tuning, MAML / FOMAML / ANIL /
 Reptile, a prototypical network and the Meta-SGD residual head; :func:`kfold_heads` evaluates them K-fold over users,
 and :func:`head_study` runs the chapter's study on a MovieLens release. Every meta-training loop is
-:func:`mrec_utils.meta.meta_train`; every batch a :class:`mrec_utils.tasks.TaskBatch`.
-"""
+:func:`mrec_utils.meta.meta_train`; every batch a :class:`mrec_utils.tasks.TaskBatch`."""
 from __future__ import annotations
 
 import copy
@@ -19,6 +18,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
+import scipy.stats
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -71,8 +71,7 @@ class HeadSettings:
     the global head, Reptile's epsilon 0.5) and of the prototypical head; their inner loop (``inner_steps``,
     ``inner_lr``) and ``outer_lr``; the Meta-SGD residual head (``residual_*``: outer steps, first inner step size,
     outer learning rate, outer loss, validation every so many steps); the grids on which validation users choose the
-    logistic-regression penalty (``logreg_l2s``) and the fine-tuning (steps, step size) (``finetune_grid``).
-    """
+    logistic-regression penalty (``logreg_l2s``) and the fine-tuning (steps, step size) (``finetune_grid``)."""
 
     d_proj: int = 32
     global_steps: int = 300
@@ -113,8 +112,7 @@ def like_tasks(episodes: Sequence[tasks.Episode], features: np.ndarray, item_ids
     """Episodes -> one padded :class:`TaskBatch`: x = item features [T, S|Q, D], y = the ratings
     (a like is ``y >= LIKE``; :func:`likes`), in the order of ``episodes``."""
     feats = torch.as_tensor(np.asarray(features), dtype=torch.get_default_dtype())
-    cat = pd.Index(np.asarray(item_ids, dtype=np.int64))
-    out = []
+    cat, out = pd.Index(np.asarray(item_ids, dtype=np.int64)), []
     for side in ("support", "query"):
         rows = [cat.get_indexer(np.asarray(getattr(e, f"{side}_items"), dtype=np.int64)) for e in episodes]
         if any((r < 0).any() for r in rows):
@@ -132,28 +130,33 @@ def likes(batch: TaskBatch) -> TaskBatch:
                    y_query=(batch.y_query >= LIKE).to(batch.y_query.dtype) * batch.mask_query)
 
 
+_DRAWS: dict = {}  # the draws of the last like_batches arguments, replayed by samplers with the same arguments
+
+
 def like_batches(pools: Pools, features: Tensor, *, n_tasks: int = 32, k_choices: Sequence[int] = (4, 8, 16, 32),
                  n_query: int = 16, target: str = "like", seed: int = 0) -> Callable[[int], TaskBatch]:
-    """A sampler for :func:`mrec_utils.meta.meta_train`: ``sample(step)`` draws ``n_tasks`` random
-    training users, each with k (from ``k_choices``, at least one query rating left) random support
-    ratings and up to ``n_query`` others as query; y = like labels (``target="like"``) or ratings."""
-    rng, s_max = np.random.default_rng(seed), max(k_choices)
-    width = max(s_max, n_query)
+    """A sampler for :func:`mrec_utils.meta.meta_train`: ``sample(step)`` is draw number ``step`` of ``n_tasks`` random
+    training users, each with k (from ``k_choices``, at least one query rating left) random support ratings and up to
+    ``n_query`` others as query; y = like labels (``target="like"``) or ratings. Samplers with the same arguments (the
+    same ``pools``, unchanged, and ``features`` objects) share their draws: the methods of :func:`fit_heads` draw once."""
+    if _DRAWS.get("key") != (key := (id(pools), id(features), n_tasks, tuple(k_choices), n_query, seed)):
+        _DRAWS.update(key=key, objects=(pools, features), rng=np.random.default_rng(seed), draws=[])  # ids stay theirs
+    rng, draws, s_max, width = _DRAWS["rng"], _DRAWS["draws"], max(k_choices), max(*k_choices, n_query)
 
     def sample(step: int) -> TaskBatch:
-        users = rng.integers(0, len(pools), size=n_tasks)
-        rows, vals = np.zeros((2, n_tasks, width), dtype=np.int64), np.zeros((2, n_tasks, width))
-        mask = np.zeros((2, n_tasks, width), dtype=bool)
-        for t, u in enumerate(users):
-            it, r = pools[u]
-            perm = rng.permutation(len(it))
-            k = min(int(rng.choice(k_choices)), len(it) - 1)
-            for side, sel in ((0, perm[:k]), (1, perm[k:k + min(n_query, len(it) - k)])):
-                rows[side, t, :len(sel)], vals[side, t, :len(sel)], mask[side, t, :len(sel)] = it[sel], r[sel], True
-        if target == "like":
-            vals = (vals >= LIKE).astype(np.float64) * mask
-        x = features[torch.from_numpy(rows).to(features.device)]
-        y, m = torch.from_numpy(vals).to(features.device, features.dtype), torch.from_numpy(mask).to(features.device)
+        while len(draws) <= step:
+            users = rng.integers(0, len(pools), size=n_tasks)
+            rows, vals, mask = (np.zeros((2, n_tasks, width), dtype=d) for d in (np.int64, np.float64, bool))
+            for t, u in enumerate(users):
+                it, r = pools[u]
+                perm = rng.permutation(len(it))
+                k = min(int(rng.choice(k_choices)), len(it) - 1)
+                for side, sel in ((0, perm[:k]), (1, perm[k:k + min(n_query, len(it) - k)])):
+                    rows[side, t, :len(sel)], vals[side, t, :len(sel)], mask[side, t, :len(sel)] = it[sel], r[sel], True
+            draws.append((rows, vals, mask))
+        rows, vals, mask = draws[step]
+        x, m = features[torch.from_numpy(rows).to(features.device)], torch.from_numpy(mask).to(features.device)
+        y = torch.from_numpy((vals >= LIKE) * mask if target == "like" else vals).to(features.device, features.dtype)
         return TaskBatch(x[0, :, :s_max], y[0, :, :s_max], x[1, :, :n_query], y[1, :, :n_query],
                          m[0, :, :s_max], m[1, :, :n_query])
 
@@ -223,8 +226,7 @@ def adapt_and_score(model: nn.Module, batch: TaskBatch, *, adapt: meta.AdaptSpec
     tb = likes(batch) if target == "like" else batch
     if steps == 0:
         return model(tb.x_query)
-    params, frozen = meta.split_params(model, adapt)
-    params, frozen = {k: v.detach() for k, v in params.items()}, {k: v.detach() for k, v in frozen.items()}
+    params, frozen = ({k: v.detach() for k, v in d.items()} for d in meta.split_params(model, adapt))
     rate = {k: v.detach() for k, v in inner_lr.items()} if isinstance(inner_lr, dict) else inner_lr
 
     def one(xs, ys, ms, xq):
@@ -266,14 +268,13 @@ class PairwiseMetaSGD(meta.MAML):
     """Meta-SGD whose outer loss is :func:`pairwise_query_loss` of the adapted query scores (the inner
     loop stays the support's cross-entropy), averaged over the tasks that have a pair."""
 
-    def loss(self, model, batch):
+    def loss(self, model, b):
         params, frozen = meta.split_params(model, self.adapt)
 
         def one(xs, ys, ms, xq, yq, mq):
             p = self.inner_loop(model, params, frozen, xs, ys, ms)
             return pairwise_query_loss(meta.functional_forward(model, p, frozen, xq), yq, mq)
 
-        b = batch
         loss, ok = torch.func.vmap(one)(b.x_support, b.y_support, b.mask_support, b.x_query, b.y_query, b.mask_query)
         return (loss * ok).sum() / ok.sum().clamp_min(1)
 
@@ -314,8 +315,7 @@ class ProtoNet(meta.GradientMethod):
     method: a query film's like-logit is ``|f(x) - c_dislike|^2 - |f(x) - c_like|^2`` with the class
     means ``c`` of the embedded support (the origin for a missing class); Adam on the query's BCE."""
 
-    def loss(self, model, batch):
-        b = batch
+    def loss(self, model, b):
         s = _proto_scores(model, b.x_support, b.y_support, b.mask_support, b.x_query)
         loss = meta.masked_mean(F.binary_cross_entropy_with_logits(s, b.y_query, reduction="none"), b.mask_query)
         return loss[b.mask_query.any(-1)].mean()
@@ -357,10 +357,11 @@ def per_user_logreg(batch: TaskBatch, l2: float = 1.0, iters: int = 15) -> Tenso
 def evaluate_like(scores: Tensor, batch: TaskBatch, k: int = 10) -> pd.DataFrame:
     """Per task: ``auc`` of the query likes (NaN when the query holds one class), ``ndcg@k`` of the query
     ranked by score, graded by the ratings (exponential gain, ties averaged), ``n_query``."""
-    s, m = scores.detach().cpu().numpy(), batch.mask_query.cpu().numpy()
-    r = batch.y_query.cpu().numpy()
+    s, m, r = (t.detach().cpu().numpy() for t in (scores, batch.mask_query, batch.y_query))
     y = ((r >= LIKE) & m).astype(np.float64)
-    aucs = [metrics.auc(y[i][m[i]], s[i][m[i]]) if 0 < y[i][m[i]].sum() < m[i].sum() else np.nan for i in range(len(s))]
+    n_pos, n_neg, ranks = y.sum(1), m.sum(1) - y.sum(1), scipy.stats.rankdata(np.where(m, s, np.inf), axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):  # metrics.auc of every task at once; padding ranks last
+        aucs = np.where((n_pos > 0) & (n_neg > 0), ((ranks * y).sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg), np.nan)
     nd = metrics.ndcg_at_k_batch(np.where(m, r, 0.0), np.where(m, s, 0.0), k, ties="average", mask=m)
     return pd.DataFrame({"auc": aucs, f"ndcg@{k}": nd, "n_query": m.sum(1)})
 
@@ -440,8 +441,7 @@ def fit_heads(pools: Pools, features: Tensor, val: Sequence[TaskBatch], methods:
     The global head comes first; fine-tuning, MAML, FOMAML, ANIL, Reptile and the residual head start
     from it. Validation users (``val``: like tasks, one or more draws) choose, unless ``choices`` fixes
     them: the logistic-regression penalty and the fine-tuning (steps, step size) by the mean query AUC
-    of ``val[0]``, and the residual head's start (learned or zero) and checkpoint on all of ``val``.
-    """
+    of ``val[0]``, and the residual head's start (learned or zero) and checkpoint on all of ``val``."""
     unknown = [m for m in methods if m not in HEAD_METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(HEAD_METHODS)}.")

@@ -155,21 +155,25 @@ def _load_from(source: str, gguf_file: str | None, device: torch.device, dtype: 
 
 @contextlib.contextmanager
 def _quiet_transformers_bars() -> Iterator[None]:
-    """While loading: transformers' progress bars follow ``MREC_NO_PROGRESS``, and the GGUF conversion
-    bar (a plain ``tqdm`` inside transformers) leaves no clutter in stored notebook outputs."""
+    """While loading: progress bars follow ``MREC_NO_PROGRESS`` (also the GGUF conversion bar, a plain ``tqdm`` inside
+    transformers), and a GGUF file and its name maps are read once, not 3 times (tokenizer, config, weights: 10 s)."""
     from transformers.utils import logging as tlog
 
     was_on = tlog.is_progress_bar_enabled()
     if os.environ.get("MREC_NO_PROGRESS", "").strip().lower() in _TRUE:
         tlog.disable_progress_bar()
-    gguf = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
-    old_tqdm, gguf.tqdm = gguf.tqdm, train.progress  # leave=False; off with MREC_NO_PROGRESS=1
+    patches = [(importlib.import_module("transformers.modeling_gguf_pytorch_utils"), "tqdm", lambda f: train.progress)]
+    gg = [importlib.import_module("gguf")] if importlib.util.find_spec("gguf") else []  # tqdm: leave=False, MREC_NO_PROGRESS
+    patches += [(m, n, functools.lru_cache(maxsize=None)) for m in gg for n in ("GGUFReader", "get_tensor_name_map")]
+    saved = [(m, n, getattr(m, n)) for m, n, _ in patches]
+    for m, n, wrap in patches:
+        setattr(m, n, wrap(getattr(m, n)))
     try:
         yield
     finally:
-        gguf.tqdm = old_tqdm
-        if was_on:
-            tlog.enable_progress_bar()
+        for m, n, f in saved:
+            setattr(m, n, f)
+        (tlog.enable_progress_bar if was_on else tlog.disable_progress_bar)()
 
 
 # ============================================================================ generation
@@ -241,11 +245,8 @@ def _encode_prompt(tok: PreTrainedTokenizerBase, model: PreTrainedModel, item: s
 
 
 def _context_length(model: PreTrainedModel) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-        val = getattr(model.config, key, None)
-        if isinstance(val, int) and val > 0:
-            return val
-    return None
+    vals = [getattr(model.config, key, None) for key in ("max_position_embeddings", "n_positions", "n_ctx")]
+    return next((v for v in vals if isinstance(v, int) and v > 0), None)
 
 
 def _pad_id(tok: PreTrainedTokenizerBase) -> int:

@@ -95,6 +95,34 @@ def test_like_batches_respect_pools_and_masks():
     assert set(r.y_support[r.mask_support].unique().tolist()) <= {1.0, 2.0, 3.0, 4.0, 5.0}
 
 
+def test_like_batches_with_the_same_arguments_replay_one_stream_of_draws():
+    """fit_heads' methods share their draws (drawn once): a sampler's batch number i is the same whether or not
+    another sampler with the same arguments drew first, and a different seed or other pools start a new stream."""
+    feats, ids = _features()
+    pools, f = _pools(feats, ids), torch.from_numpy(feats)
+    fields = ("x_support", "y_support", "x_query", "y_query", "mask_support", "mask_query")
+    alone = [H.like_batches(pools, f, seed=5)(i) for i in range(1)]  # a fresh stream, one batch
+    first = H.like_batches(pools, f, seed=5)
+    batches = [first(i) for i in range(4)]
+    second, other = H.like_batches(pools, f, seed=5), H.like_batches(pools, f, seed=6)
+    for i in (2, 0, 3, 1):
+        assert all(torch.equal(getattr(second(i), n), getattr(batches[i], n)) for n in fields)
+    assert all(torch.equal(getattr(alone[0], n), getattr(batches[0], n)) for n in fields)
+    assert not torch.equal(other(0).x_support, batches[0].x_support)
+    ratings = H.like_batches(pools, f, seed=5, target="rating")(0)  # the same draw, ratings as targets
+    assert torch.equal(ratings.x_support, batches[0].x_support) and ratings.y_support.max() > 1
+
+
+def test_evaluate_like_is_metrics_auc_of_every_task():
+    """The batched AUC (ranks with padding last) equals metrics.auc task by task, bit for bit, ties included."""
+    feats, ids = _features()
+    t = H.like_tasks(_episodes(5), feats, ids)
+    s = torch.round(torch.randn(t.y_query.shape, generator=torch.Generator().manual_seed(1)) * 2) / 2  # many ties
+    y, m = H.likes(t).y_query.numpy(), t.mask_query.numpy()
+    by_task = [metrics.auc(y[i][m[i]], s[i].numpy()[m[i]]) for i in range(len(y))]
+    assert H.evaluate_like(s, t)["auc"].tolist() == by_task
+
+
 # ----------------------------------------------------------------------------- heads
 
 
