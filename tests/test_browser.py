@@ -68,11 +68,19 @@ function report() {
   done({imgs: imgs, links: links, title: document.title, bodyText: document.body.innerText.length,
         prose: copy.textContent, math: math, typeset: typeset});
 }
-if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
-  MathJax.startup.promise.then(report, report);
-} else {
-  report();
-}
+// MathJax loads asynchronously: on a busy machine the page can finish loading before MathJax has started, so a
+// page with math waits (up to 60 s) for MathJax's startup promise instead of reporting an untypeset page.
+const hasMath = document.querySelector('span.math, div.math') !== null;
+let tries = 0;
+(function wait() {
+  if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
+    MathJax.startup.promise.then(report, report);
+  } else if (hasMath && tries++ < 600) {
+    setTimeout(wait, 100);
+  } else {
+    report();
+  }
+})();
 """
 # checkVisibility: a closed <details> keeps its content laid out (Chromium 131+) but not rendered
 VISIBLE_JS = "const VISIBLE = {visibilityProperty: true, opacityProperty: true};"

@@ -76,6 +76,11 @@ WAIT_FOR_PAGE_JS = """
 const done = arguments[arguments.length - 1];
 const images = Array.from(document.images).map(i => i.complete ? Promise.resolve() :
   new Promise(r => { i.addEventListener('load', r); i.addEventListener('error', r); }));
-const math = (window.MathJax && MathJax.startup && MathJax.startup.promise) || Promise.resolve();
+const hasMath = document.querySelector('span.math, div.math') !== null;
+// MathJax loads asynchronously: a page with math waits (up to 60 s) until MathJax has started.
+const started = new Promise(r => { let n = 0; (function poll() {
+  if ((window.MathJax && MathJax.startup && MathJax.startup.promise) || !hasMath || n++ >= 600) r(); else setTimeout(poll, 100);
+})(); });
+const math = started.then(() => (window.MathJax && MathJax.startup && MathJax.startup.promise) || Promise.resolve());
 Promise.all([math, ...images]).then(() => done(true), () => done(false));
 """
