@@ -2,7 +2,7 @@
 
 A checked number must be a property of the method, not of the machine that computed it. This
 script re-runs the checks that depend on floating-point details -- the live slices of the benchmark
-(``tests/test_benchmark_results.py``) and every notebook that uses the language model or the
+(``tests/test_benchmark_results.py``, ``tests/test_benchmark_nextfilm.py``) and every notebook that uses the language model or the
 benchmark files -- once per *variant* of the machine, each in a fresh embedding cache, and prints one
 line per variant: passed or failed, and how long it took.
 
@@ -47,7 +47,8 @@ def sensitive_targets() -> list[str]:
     uses = re.compile(r"\b(lm|benchmark|mrec_bench|heads|metaemb|conversation)\b")
     notebooks = [p for p in sorted(ROOT.glob("notebooks/*.ipynb")) + sorted(ROOT.glob("book/*.ipynb"))
                  if uses.search(p.read_text(encoding="utf-8"))]
-    return ["tests/test_benchmark_results.py", "tests/test_portable.py"] + [p.relative_to(ROOT).as_posix() for p in notebooks]
+    tests = ["tests/test_benchmark_results.py", "tests/test_benchmark_nextfilm.py", "tests/test_portable.py"]
+    return tests + [p.relative_to(ROOT).as_posix() for p in notebooks]
 
 
 def run_variant(name: str, targets: list[str], python: str) -> tuple[bool, float, str]:
