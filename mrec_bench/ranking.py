@@ -65,8 +65,7 @@ class RankingSettings:
     ``gpt``: chapter 7's :class:`~mrec_utils.gpt.ItemGPTSettings` (at most 10 epochs here instead of 20:
     with patience 2 both stop within the first few; co-occurrence's window and history grids reach 50 and
     20, because the chapter's grids ended at 10, a frequent choice); ``heads``: chapter 9's
-    :class:`~mrec_utils.heads.HeadSettings` (logistic regression's penalty grid widened to 0.1-300 for
-    the same reason). The heads' features: the LM (``lm``, None = the offline
+    :class:`~mrec_utils.heads.HeadSettings`, as they are. The heads' features: the LM (``lm``, None = the offline
     default), its first ``layers`` blocks, ``components`` PCA dimensions, trained on the films with
     ``min_item_count`` training ratings. A rating >= ``like_threshold`` is a like for the AUC (the heads' own
     like is :data:`mrec_utils.heads.LIKE`, 4.0 too).
@@ -75,7 +74,7 @@ class RankingSettings:
     coldstart: coldstart.ColdStartSettings = field(default_factory=coldstart.ColdStartSettings)
     gpt: gpt.ItemGPTSettings = field(default_factory=lambda: gpt.ItemGPTSettings(
         epochs=10, cooc_windows=(1, 2, 5, 10, 20, 50), cooc_lasts=(1, 2, 5, 10, 20)))
-    heads: gm.HeadSettings = field(default_factory=lambda: gm.HeadSettings(logreg_l2s=(0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)))
+    heads: gm.HeadSettings = field(default_factory=gm.HeadSettings)
     lm: str | None = None
     layers: int = 8
     components: int = 64

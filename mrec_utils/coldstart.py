@@ -75,8 +75,8 @@ class MetaSettings:
 class BaselineSettings:
     """The validation grids of fine-tuning and fold-in; the MF fit; the item mean's pseudo-ratings."""
 
-    finetune_lrs: tuple[float, ...] = (0.03, 0.1, 0.3)
-    finetune_steps: tuple[int, ...] = (1, 3, 10)
+    finetune_lrs: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
+    finetune_steps: tuple[int, ...] = (1, 3, 10, 30, 100)
     foldin_regs: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
     mf_dim: int = 16
     mf_reg: float = 10.0
