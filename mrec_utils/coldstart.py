@@ -67,7 +67,7 @@ class MetaSettings:
     reptile_steps: int = 3
     reptile_lr: float = 0.1
     reptile_epsilon: float = 0.5
-    lr_grid: tuple[float, ...] = (0.5, 1.0, 2.0)
+    lr_grid: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
     init: str = "scratch"
 
 
@@ -75,7 +75,7 @@ class MetaSettings:
 class BaselineSettings:
     """The validation grids of fine-tuning and fold-in; the MF fit; the item mean's pseudo-ratings."""
 
-    finetune_lrs: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
+    finetune_lrs: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)
     finetune_steps: tuple[int, ...] = (1, 3, 10, 30, 100)
     foldin_regs: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
     mf_dim: int = 16

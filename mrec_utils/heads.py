@@ -87,7 +87,8 @@ class HeadSettings:
     residual_outer_loss: str = "pairwise"
     residual_eval_every: int = 100
     logreg_l2s: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
-    finetune_grid: tuple[tuple[int, float], ...] = tuple(itertools.product((1, 3, 10, 30, 100), (0.01, 0.03, 0.1, 0.3)))
+    finetune_grid: tuple[tuple[int, float], ...] = tuple(itertools.product((1, 3, 10, 30, 100),
+                                                                           (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)))
 
 
 def rating_pools(ratings: pd.DataFrame, item_ids: np.ndarray, min_ratings: int = 2) -> Pools:
