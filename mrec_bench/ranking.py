@@ -111,9 +111,8 @@ def ranking_metrics(scores: np.ndarray, ratings: np.ndarray, mask: np.ndarray, l
     if not np.isfinite(s[m]).all():
         raise ValueError("scores contain NaN or inf on real query films.")
     like = (y >= like_threshold) & m
-    aucs = [metrics.auc(like[t][m[t]], s[t][m[t]]) if 0 < like[t].sum() < m[t].sum() else np.nan for t in range(len(s))]
     return pd.DataFrame({"ndcg@3": metrics.ndcg_at_k_batch(np.where(m, y, 0), np.where(m, s, 0), 3, ties="average", mask=m),
-                         "auc": np.array(aucs, dtype=np.float64), "n_like": like.sum(1), "n_query": m.sum(1)})
+                         "auc": metrics.auc_batch(like, np.where(m, s, 0), mask=m), "n_like": like.sum(1), "n_query": m.sum(1)})
 
 
 # ------------------------------------------------------------------------------------------------ chapter 7

@@ -70,6 +70,10 @@ class MetaSettings:
     lr_grid: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
     init: str = "scratch"
 
+    def rate_grid(self, reptile: bool = False) -> tuple[float, ...]:
+        """The inner rates validation chooses from: the trained rate (Reptile's or MAML's) times each of ``lr_grid``."""
+        return tuple((self.reptile_lr if reptile else self.inner_lr) * f for f in self.lr_grid)
+
 
 @dataclass(frozen=True)
 class BaselineSettings:
@@ -513,7 +517,7 @@ class MetaLearner:
         adam = None if isinstance(method, meta.Reptile) else torch.optim.Adam(model.parameters(), lr=s.lr)
         _, best_epoch = train_on_episodes(model, data, method, optimizer=adam, validate=lambda: eval_adapted(
             model, data, self.adapt, method.inner_steps, method.inner_lr))
-        steps, lr = choose_steps_lr(model, data, self.adapt, (method.inner_steps,), [method.inner_lr * m for m in s.lr_grid])
+        steps, lr = choose_steps_lr(model, data, self.adapt, (method.inner_steps,), s.rate_grid(isinstance(method, meta.Reptile)))
         return adapted_net(model, data, self.adapt, steps, lr, time.perf_counter() - t0, best_epoch)
 
 

@@ -19,7 +19,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
-import scipy.stats
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -132,18 +131,14 @@ def likes(batch: TaskBatch) -> TaskBatch:
                    y_query=(batch.y_query >= LIKE).to(batch.y_query.dtype) * batch.mask_query)
 
 
-_DRAWS: dict = {}  # the draws of the last like_batches arguments, replayed by samplers with the same arguments
-
-
 def like_batches(pools: Pools, features: Tensor, *, n_tasks: int = 32, k_choices: Sequence[int] = (4, 8, 16, 32),
                  n_query: int = 16, target: str = "like", seed: int = 0) -> Callable[[int], TaskBatch]:
     """A sampler for :func:`mrec_utils.meta.meta_train`: ``sample(step)`` is draw number ``step`` of ``n_tasks`` random
     training users, each with k (from ``k_choices``, at least one query rating left) random support ratings and up to
-    ``n_query`` others as query; y = like labels (``target="like"``) or ratings. Samplers with the same arguments (the
-    same ``pools``, unchanged, and ``features`` objects) share their draws: the methods of :func:`fit_heads` draw once."""
-    if _DRAWS.get("key") != (key := (id(pools), id(features), n_tasks, tuple(k_choices), n_query, seed)):
-        _DRAWS.update(key=key, objects=(pools, features), rng=np.random.default_rng(seed), draws=[])  # ids stay theirs
-    rng, draws, s_max, width = _DRAWS["rng"], _DRAWS["draws"], max(k_choices), max(*k_choices, n_query)
+    ``n_query`` others as query; y = like labels (``target="like"``) or ratings. Every sampler draws from its own
+    generator seeded with ``seed``, so samplers with the same arguments give the same batches: the methods of
+    :func:`fit_heads` train on the same tasks."""
+    rng, draws, s_max, width = np.random.default_rng(seed), [], max(k_choices), max(*k_choices, n_query)
 
     def sample(step: int) -> TaskBatch:
         while len(draws) <= step:
@@ -360,10 +355,7 @@ def evaluate_like(scores: Tensor, batch: TaskBatch, k: int = 10) -> pd.DataFrame
     """Per task: ``auc`` of the query likes (NaN when the query holds one class), ``ndcg@k`` of the query
     ranked by score, graded by the ratings (exponential gain, ties averaged), ``n_query``."""
     s, m, r = (t.detach().cpu().numpy() for t in (scores, batch.mask_query, batch.y_query))
-    y = ((r >= LIKE) & m).astype(np.float64)
-    n_pos, n_neg, ranks = y.sum(1), m.sum(1) - y.sum(1), scipy.stats.rankdata(np.where(m, s, np.inf), axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):  # metrics.auc of every task at once; padding ranks last
-        aucs = np.where((n_pos > 0) & (n_neg > 0), ((ranks * y).sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg), np.nan)
+    aucs = metrics.auc_batch((r >= LIKE) & m, np.where(m, s, 0.0), mask=m)
     nd = metrics.ndcg_at_k_batch(np.where(m, r, 0.0), np.where(m, s, 0.0), k, ties="average", mask=m)
     return pd.DataFrame({"auc": aucs, f"ndcg@{k}": nd, "n_query": m.sum(1)})
 

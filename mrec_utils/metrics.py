@@ -189,19 +189,34 @@ def topk_metrics(scores: ArrayLike, relevant: ArrayLike, exclude: ArrayLike | No
     return out
 
 
-def auc(y_true: ArrayLike, y_score: ArrayLike) -> float:
-    """ROC AUC for 0/1 labels: the Mann-Whitney U statistic with average ranks, the probability that a
-    random positive scores above a random negative, ties counting 1/2 (ValueError for one class)."""
+def auc_batch(y_true: ArrayLike, y_score: ArrayLike, mask: ArrayLike | None = None) -> np.ndarray:
+    """Per-row ROC AUC ``[n_rows]``: :func:`auc` of every row of 0/1 labels ``y_true [n_rows, n]`` (or ``[n]``) and
+    finite scores ``y_score`` of the same shape at once; ``mask`` False for padding (left out); NaN for a row whose
+    real entries hold one class."""
     from scipy.stats import rankdata
 
     t, s = _pair(y_true, y_score, "y_true", "y_score")
-    _need(t.ndim == 1 and np.isin(t, (0.0, 1.0)).all() and np.isfinite(s).all(),
-          "y_true must be 1-D binary labels 0/1 (binarise ratings first, e.g. rating >= 4), y_score finite.")
-    pos = t == 1
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    _need(n_pos > 0 and n_neg > 0, "AUC is undefined when y_true holds only one class; need positives and negatives.")
-    u = rankdata(s, method="average")[pos].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+    _need(t.ndim in (1, 2) and np.isin(t, (0.0, 1.0)).all() and np.isfinite(s).all(),
+          "y_true must be 0/1 labels (binarise ratings first, e.g. rating >= 4), 1-D or 2-D, y_score finite.")
+    t, s = np.atleast_2d(t), np.atleast_2d(s)
+    m = np.ones(t.shape, dtype=bool) if mask is None else np.atleast_2d(_arr(mask, "mask", bool))
+    _need(m.shape == t.shape, f"mask must have the shape of y_true, got {m.shape} vs {t.shape}.")
+    pos = (t == 1) & m
+    n_pos, n_neg = pos.sum(1), (m & ~pos).sum(1)
+    ranks = rankdata(np.where(m, s, np.inf), method="average", axis=1)  # padding ranks after every real score
+    u = (ranks * pos).sum(1) - n_pos * (n_pos + 1) / 2.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where((n_pos > 0) & (n_neg > 0), u / (n_pos * n_neg), np.nan)
+
+
+def auc(y_true: ArrayLike, y_score: ArrayLike) -> float:
+    """ROC AUC for 0/1 labels: the Mann-Whitney U statistic with average ranks, the probability that a
+    random positive scores above a random negative, ties counting 1/2 (ValueError for one class)."""
+    t = _arr(y_true, "y_true")
+    _need(t.ndim == 1, f"y_true must be 1-D, got shape {t.shape} (auc_batch takes rows).")
+    a = auc_batch(t, y_score)[0]
+    _need(not np.isnan(a), "AUC is undefined when y_true holds only one class; need positives and negatives.")
+    return float(a)
 
 
 # ============================================================================ bootstrap

@@ -95,9 +95,9 @@ def test_like_batches_respect_pools_and_masks():
     assert set(r.y_support[r.mask_support].unique().tolist()) <= {1.0, 2.0, 3.0, 4.0, 5.0}
 
 
-def test_like_batches_with_the_same_arguments_replay_one_stream_of_draws():
-    """fit_heads' methods share their draws (drawn once): a sampler's batch number i is the same whether or not
-    another sampler with the same arguments drew first, and a different seed or other pools start a new stream."""
+def test_like_batches_with_the_same_arguments_give_the_same_batches():
+    """fit_heads' methods train on the same tasks: a sampler's batch number i is the same whichever batches it or
+    another sampler with the same arguments drew before, and a different seed starts a new stream."""
     feats, ids = _features()
     pools, f = _pools(feats, ids), torch.from_numpy(feats)
     fields = ("x_support", "y_support", "x_query", "y_query", "mask_support", "mask_query")

@@ -254,6 +254,23 @@ def test_auc_hand():
     assert M.auc([1, 1, 0, 0], [0.8, 0.4, 0.4, 0.1]) == pytest.approx(0.875)
 
 
+def test_auc_batch_is_sklearn_row_by_row_with_padding_and_one_class_rows():
+    """Each row's AUC over its real entries equals scikit-learn's; padding (any score) is left out, and a row
+    whose real entries hold one class is NaN."""
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 2, size=(6, 40))
+    s = rng.integers(0, 5, size=(6, 40)) + 0.5 * y  # ties within and across classes
+    m = np.arange(40) < rng.integers(5, 41, size=6)[:, None]
+    y[4] = 1 - m[4]  # row 4: only negatives among the real entries
+    got = M.auc_batch(y, np.where(m, s, 99.0), mask=m)  # padding scored highest: must not count
+    for i in range(6):
+        if i == 4:
+            assert np.isnan(got[i])
+        else:
+            assert got[i] == pytest.approx(roc_auc_score(y[i][m[i]], s[i][m[i]]), abs=1e-12)
+            assert got[i] == M.auc(y[i][m[i]], s[i][m[i]])  # one formula: bit for bit
+
+
 def test_auc_bad_inputs():
     with pytest.raises(ValueError, match="one class"):
         M.auc([1, 1, 1], [0.1, 0.2, 0.3])
